@@ -1,0 +1,56 @@
+"""Episode: the unit that moves between the simulator, the replay, the archive and the nodes.
+
+An episode is one task's trajectory from reset to termination or time limit. Keeping whole episodes (not
+loose transitions) is what lets any transition's context window be rebuilt later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mql_ros.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Episode:
+    """observations[t] is s_t (T+1 of them), actions[t] is a_t in [-1, 1], rewards[t] is r_t (after a_t).
+
+    `terminated` is true only for a real terminal state; a time limit is not one (TD3 bootstraps through it).
+    """
+
+    task_id: str
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: bool = False
+
+    def __post_init__(self) -> None:
+        obs = np.asarray(self.observations, dtype=np.float32)
+        act = np.asarray(self.actions, dtype=np.float32)
+        rew = np.asarray(self.rewards, dtype=np.float32).reshape(-1)
+        if obs.ndim != 2 or act.ndim != 2:
+            raise InputError(f"episode {self.task_id!r}: observations and actions must be 2-D, "
+                             f"got shapes {obs.shape} and {act.shape}")
+        t = act.shape[0]
+        if obs.shape[0] != t + 1 or rew.shape[0] != t:
+            raise InputError(f"episode {self.task_id!r}: need T+1 observations and T rewards for T={t} "
+                             f"actions, got {obs.shape[0]} observations and {rew.shape[0]} rewards")
+        for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
+            if not np.all(np.isfinite(arr)):
+                raise InputError(f"episode {self.task_id!r}: {name} contain NaN or inf")
+        object.__setattr__(self, "observations", obs)
+        object.__setattr__(self, "actions", act)
+        object.__setattr__(self, "rewards", rew)
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observations.shape[1])
+
+    @property
+    def act_dim(self) -> int:
+        return int(self.actions.shape[1])

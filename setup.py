@@ -1,0 +1,41 @@
+"""ament_python package: builds with `colcon build` in a ROS 2 workspace and with `pip install .` in a venv.
+
+Both install the same layout under the prefix: share/mql_ros/{launch,config,urdf,checkpoints,package.xml},
+the ament index marker, and the node executables in lib/mql_ros/ (so `ros2 run mql_ros <node>` and
+launch_ros `Node(package="mql_ros", ...)` find them). pip does not put console scripts in lib/<package>,
+hence the small wrappers in scripts/ installed there as data files.
+"""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "mql_ros"
+NODES = ["sim_arm", "context_encoder", "policy", "adaptation"]
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/urdf", glob("urdf/*.urdf")),
+        (f"share/{PACKAGE}/checkpoints", glob("checkpoints/*.pt")),
+        (f"lib/{PACKAGE}", [f"scripts/{node}" for node in NODES]),
+    ],
+    install_requires=["torch>=2.2", "numpy", "pyyaml", "gymnasium", "mujoco>=4.0", "rosbags", "mcap",
+                      "mcap-ros2-support", "matplotlib", "tqdm"],
+    zip_safe=False,
+    maintainer="mql_ros maintainers",
+    maintainer_email="maintainers@mql-ros.invalid",
+    description="Meta-Q-learning (MQL) for robot arms on ROS 2",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [f"{PACKAGE.replace('_', '-')}={PACKAGE}.cli:main"]
+        + [f"mql-ros-{node.replace('_', '-')}={PACKAGE}.nodes.{node}:main" for node in NODES],
+    },
+)
