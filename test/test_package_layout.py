@@ -1,0 +1,52 @@
+"""The package installs as a complete ament package from pip, and its core stays ROS-free."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = ["sim_arm", "context_encoder", "policy", "adaptation"]
+PREFIX = Path(sys.prefix)
+
+
+def test_package_xml_is_format_3_ament_python():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.get("format") == "3"
+    assert root.findtext("name") == "mql_ros"
+    assert root.find("export/build_type").text == "ament_python"
+    deps = {e.text for e in root.iter("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "std_srvs", "diagnostic_msgs", "launch_ros"} <= deps
+
+
+def test_core_import_does_not_import_rclpy():
+    code = ("import sys, mql_ros.core.robot, mql_ros.core.episode, mql_ros.core.paths; "
+            "import pkgutil, importlib, mql_ros.core as c\n"
+            "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('mql_ros.core.' + m.name)\n"
+            "assert 'rclpy' not in sys.modules, 'mql_ros.core imported rclpy'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.skipif(not (PREFIX / "share" / "mql_ros").is_dir(), reason="package not installed in this prefix "
+                    "(run `make install`)")
+class TestInstalledLayout:
+    def test_ament_index_marker_is_installed(self):
+        assert (PREFIX / "share/ament_index/resource_index/packages/mql_ros").is_file()
+
+    def test_share_holds_launch_config_urdf_and_package_xml(self):
+        share = PREFIX / "share" / "mql_ros"
+        for name in ["package.xml", "config/mql.yaml", "urdf/mql_arm.urdf", "launch/sim.launch.py"]:
+            assert (share / name).is_file(), name
+
+    @pytest.mark.parametrize("node", NODES)
+    def test_node_executable_is_in_lib_package_dir(self, node):
+        exe = PREFIX / "lib" / "mql_ros" / node
+        assert exe.is_file() and exe.stat().st_mode & 0o111, exe
+
+    def test_get_package_share_directory_finds_the_pip_install(self):
+        from ament_index_python.packages import get_package_share_directory
+
+        env_prefix = get_package_share_directory("mql_ros")
+        assert Path(env_prefix).resolve() == (PREFIX / "share" / "mql_ros").resolve()
