@@ -21,7 +21,7 @@ def share_dir() -> Path:
 
         try:
             candidates.append(Path(get_package_share_directory(PACKAGE)))
-        except (PackageNotFoundError, ValueError, KeyError, LookupError):
+        except (PackageNotFoundError, ValueError, KeyError, LookupError, OSError):
             pass
     except ImportError:
         pass

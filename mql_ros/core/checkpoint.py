@@ -1,0 +1,154 @@
+"""The one file format for weights: config + dims + family + robot spec + weights + version, and its sha256.
+
+Plain tensors and plain Python only, read back with torch.load(weights_only=True), so loading a file never
+runs code from it. A checkpoint that does not fit (other dims, robot or config) is refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mql_ros.core.config import MQLConfig
+from mql_ros.core.errors import CheckpointError, ConfigError, InputError
+from mql_ros.core.robot import RobotSpec
+from mql_ros.core.td3 import TD3Context
+
+CHECKPOINT_VERSION = 1
+_KEYS = ("version", "config", "obs_dim", "act_dim", "family", "robot", "weights", "extra")
+
+
+@dataclass
+class Checkpoint:
+    config: MQLConfig
+    obs_dim: int
+    act_dim: int
+    family: str
+    robot: RobotSpec | None
+    weights: dict
+    version: int = CHECKPOINT_VERSION
+    sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, agent: TD3Context, family: str, robot: RobotSpec | None = None,
+                    extra: dict | None = None) -> str:
+    """Write atomically (temp file in the same directory, then os.replace); return the file's sha256."""
+    path = Path(path)
+    if robot is not None and (robot.obs_dim, robot.act_dim) != (agent.obs_dim, agent.act_dim):
+        raise InputError(f"save_checkpoint: robot has obs_dim={robot.obs_dim}, act_dim={robot.act_dim} but "
+                         f"the agent has {agent.obs_dim}, {agent.act_dim}")
+    payload = {"version": CHECKPOINT_VERSION, "config": agent.cfg.to_dict(), "obs_dim": agent.obs_dim,
+               "act_dim": agent.act_dim, "family": str(family),
+               "robot": robot.to_dict() if robot is not None else None,
+               "weights": agent.state_dict(), "extra": dict(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_act_dim: int | None = None,
+                    expect_robot: RobotSpec | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; every problem is a CheckpointError naming the file."""
+    path = Path(path)
+
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {problem}")
+
+    if not path.is_file():
+        raise fail("no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise fail(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(payload, dict):
+        raise fail(f"not a checkpoint (top level is {type(payload).__name__})")
+    missing = [k for k in _KEYS if k not in payload]
+    if missing:
+        raise fail(f"missing keys {missing}")
+    if payload["version"] != CHECKPOINT_VERSION:
+        raise fail(f"unknown version {payload['version']!r} (this code reads version {CHECKPOINT_VERSION})")
+    try:
+        cfg = MQLConfig.from_dict(payload["config"])
+    except (ConfigError, TypeError) as e:
+        raise fail(f"invalid config: {e}") from e
+    obs_dim, act_dim = payload["obs_dim"], payload["act_dim"]
+    if not (isinstance(obs_dim, int) and isinstance(act_dim, int) and obs_dim > 0 and act_dim > 0):
+        raise fail(f"invalid dims obs_dim={obs_dim!r}, act_dim={act_dim!r}")
+    if expect_obs_dim is not None and obs_dim != expect_obs_dim:
+        raise fail(f"obs_dim is {obs_dim}, expected {expect_obs_dim}")
+    if expect_act_dim is not None and act_dim != expect_act_dim:
+        raise fail(f"act_dim is {act_dim}, expected {expect_act_dim}")
+    robot = None
+    if payload["robot"] is not None:
+        try:
+            robot = RobotSpec.from_dict(payload["robot"])
+        except (InputError, KeyError, TypeError, ValueError) as e:
+            raise fail(f"invalid robot spec: {e}") from e
+        if (robot.obs_dim, robot.act_dim) != (obs_dim, act_dim):
+            raise fail(f"robot spec dims ({robot.obs_dim}, {robot.act_dim}) differ from the weights' "
+                       f"({obs_dim}, {act_dim})")
+    if expect_robot is not None and robot != expect_robot:
+        if robot is None:
+            raise fail("holds no robot spec, expected one")
+        have, want = robot.to_dict(), expect_robot.to_dict()
+        diff = "; ".join(f"{k} {have[k]} (expected {want[k]})" for k in want if have[k] != want[k])
+        raise fail(f"built for another robot: {diff}")
+    weights = payload["weights"]
+    if not isinstance(weights, dict):
+        raise fail("weights are not a mapping")
+    for part in ("nets", "targets"):
+        if not all(torch.isfinite(t).all() for t in _tensors(weights.get(part, {})) if t.is_floating_point()):
+            raise fail(f"weights ({part}) contain NaN or inf")
+    extra = payload["extra"] if isinstance(payload["extra"], dict) else {}
+    ckpt = Checkpoint(cfg, obs_dim, act_dim, str(payload["family"]), robot, weights, CHECKPOINT_VERSION,
+                      file_sha256(path), extra)
+    try:  # the weights must fit the networks the config builds
+        agent_from_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise fail(str(e)) from e
+    return ckpt
+
+
+def agent_from_checkpoint(ckpt: Checkpoint) -> TD3Context:
+    """A TD3Context built from the checkpoint's config and dims, holding its weights and optimizer state."""
+    agent = TD3Context(ckpt.config, ckpt.obs_dim, ckpt.act_dim)
+    try:
+        agent.load_state_dict(ckpt.weights)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0][:300]
+        raise CheckpointError(f"weights do not fit the checkpoint's config: {reason}") from e
+    return agent

@@ -1,0 +1,267 @@
+"""`adaptation`: records the contract topics, collects new-task episodes, and runs MQL adaptation on demand.
+
+The step rule (mql_ros.core.transitions) turns the live stream into Episodes; the episodes of the task the
+robot is on now are the new-task data. /mql/adapt (or `min_new_transitions` reached) runs
+mql_ros.core.adaptation.adapt from the meta-trained weights in a worker thread, so recording and services
+stay responsive; a second request while it runs is refused. The result is published on /mql/policy_update
+only if validate_update accepts it on held-back new-task episodes; /mql/rollback republishes the
+meta-trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64, Float64MultiArray, String
+from std_srvs.srv import Trigger
+
+from mql_ros.archive import ArchiveRecorder, load_episodes
+from mql_ros.core.adaptation import adapt, validate_update
+from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save_checkpoint
+from mql_ros.core.config import load_config
+from mql_ros.core.episode import Episode
+from mql_ros.core.errors import ArchiveError, InputError, MQLError
+from mql_ros.core.replay import MultiTaskReplay
+from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.nodes.common import (
+    ARM_COMMANDS,
+    EPISODE,
+    GRIPPER_COMMANDS,
+    GRIPPER_STATES,
+    JOINT_STATES,
+    LATCHED_QOS,
+    POLICY_UPDATE,
+    RELIABLE_QOS,
+    REWARD,
+    SENSOR_QOS,
+    Diagnostics,
+    checkpoint_path,
+    declare,
+    declare_robot,
+    main_for,
+)
+
+
+class AdaptationNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("adaptation", **kwargs)
+        self.meta_path = checkpoint_path(declare(
+            self, "checkpoint", "", "meta-trained checkpoint adaptation starts from; empty: the shipped "
+            "share/mql_ros/checkpoints/arm_reach.pt"))
+        self.archive_dir = declare(self, "archive_dir", "", "directory the contract topics are recorded to "
+                                   "(rosbag2 MCAP); empty: no recording")
+        self.archive_dir = str(Path(self.archive_dir).expanduser()) if self.archive_dir else ""
+        self.replay_dir = declare(self, "replay_dir", "", "archive of meta-training data that adaptation "
+                                  "reweights; empty: adapt on new-task data only")
+        self.replay_dir = str(Path(self.replay_dir).expanduser()) if self.replay_dir else ""
+        self.output_dir = Path(declare(self, "output_dir", "/tmp/mql_ros/adapted",
+                                       "where adapted checkpoints are written")).expanduser()
+        self.min_new = declare(self, "min_new_transitions", 0, "adapt automatically once this many new-task "
+                               "transitions were collected (0: only on /mql/adapt)", 0, 10_000_000)
+        self.held_out = declare(self, "held_out_episodes", 1, "newest new-task episodes kept out of "
+                                "adaptation to validate the result", 0, 1000)
+        self.margin = declare(self, "margin", 0.1, "refuse an update whose held-out Bellman score is worse "
+                              "than the current policy's by more than this fraction of it", 0.0, 100.0)
+        self.seed = declare(self, "seed", 0, "seed of adaptation's sampling", 0, 2**31 - 1)
+        config_file = declare(self, "config_file", "", "MQL YAML whose adapt: section overrides the "
+                              "checkpoint's; empty: the checkpoint's adaptation settings")
+        self.robot = declare_robot(self)
+        self.meta = load_checkpoint(self.meta_path, expect_robot=self.robot)
+        self.adapt_cfg = load_config(config_file).adapt if config_file else self.meta.config.adapt
+        self.current_path, self.current_sha = self.meta_path, self.meta.sha256
+
+        self._lock = threading.Lock()
+        self.builder = TransitionBuilder(self.robot)
+        self.task_id = ""
+        self.new_episodes: list[Episode] = []
+        self._arm_cmd: tuple[int, np.ndarray] | None = None
+        self._worker: threading.Thread | None = None
+        self._replay: MultiTaskReplay | None = None
+        self._runs = 0
+        self.recorder = ArchiveRecorder(self.archive_dir, self.robot) if self.archive_dir else None
+        self.diag = Diagnostics(self)
+        self.diag.values.update({"state": "idle", "new_transitions": 0, "current_sha256": self.current_sha})
+
+        self._update_pub = self.create_publisher(String, POLICY_UPDATE, LATCHED_QOS)
+        self.create_subscription(JointState, JOINT_STATES, self._on_arm_state, SENSOR_QOS)
+        self.create_subscription(JointState, GRIPPER_STATES, self._on_gripper_state, SENSOR_QOS)
+        self.create_subscription(Float64, REWARD, self._on_reward, RELIABLE_QOS)
+        self.create_subscription(String, EPISODE, self._on_episode, LATCHED_QOS)
+        self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
+        self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
+        services = MutuallyExclusiveCallbackGroup()
+        self.create_service(Trigger, "mql/adapt", self._on_adapt, callback_group=services)
+        self.create_service(Trigger, "mql/rollback", self._on_rollback, callback_group=services)
+        self.diag.ok("collecting")
+
+    # ------------------------------------------------------------------ recording + step rule
+    def _feed(self, what: str, record, feed) -> object:
+        """Record the message and feed the step rule; a bad message is reported and dropped, never fatal."""
+        if self.recorder is not None:
+            try:
+                record()
+            except ArchiveError as exc:  # e.g. disk full: stop recording, keep the node running
+                self.diag.error(f"recording stopped: {exc}")
+                self.get_logger().error(f"recording stopped: {exc}")
+                self.recorder = None
+            except InputError as exc:
+                self.diag.reject(f"record_{what}", str(exc))
+        try:
+            with self._lock:
+                return feed()
+        except InputError as exc:
+            self.diag.reject(what, str(exc))
+            return None
+
+    def _stamp(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_state(self, topic: str, msg: JointState, feed_name: str) -> None:
+        t, names, pos, vel = self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)
+        self._feed(feed_name, lambda: self.recorder.record_joint_state(topic, t, names, pos, vel),
+                   lambda: getattr(self.builder, f"on_{feed_name}")(t, names, pos, vel))
+
+    def _on_arm_state(self, msg: JointState) -> None:
+        self._on_state("/joint_states", msg, "joint_state")
+
+    def _on_gripper_state(self, msg: JointState) -> None:
+        self._on_state("/gripper/joint_states", msg, "gripper_state")
+
+    def _on_reward(self, msg: Float64) -> None:
+        t, r = self._stamp(), float(msg.data)
+        self._feed("reward", lambda: self.recorder.record_reward(t, r), lambda: self.builder.on_reward(t, r))
+
+    def _on_arm_command(self, msg: Float64MultiArray) -> None:
+        t, values = self._stamp(), np.asarray(msg.data, dtype=np.float64)
+        if self.recorder is not None:
+            self._feed("arm_command",
+                       lambda: self.recorder.record_command("/arm_controller/commands", t, values),
+                       lambda: None)
+        with self._lock:
+            self._arm_cmd = (t, values)
+
+    def _on_gripper_command(self, msg: Float64MultiArray) -> None:
+        """The policy publishes the arm command, then the gripper command: the pair is one control step."""
+        t, values = self._stamp(), np.asarray(msg.data, dtype=np.float64)
+        with self._lock:
+            arm, self._arm_cmd = self._arm_cmd, None
+        self._feed("command",
+                   lambda: self.recorder.record_command("/gripper_controller/commands", t, values),
+                   lambda: None if arm is None else self.builder.on_command(arm[0], arm[1], values))
+
+    def _on_episode(self, msg: String) -> None:
+        t = self._stamp()
+        self._feed("episode", lambda: self.recorder.record_episode(t, msg.data),
+                   lambda: self.builder.on_episode(t, msg.data))
+        try:
+            event = json.loads(msg.data)
+        except json.JSONDecodeError:
+            return  # already rejected by the step rule
+        if not isinstance(event, dict) or event.get("event") != "end":
+            return
+        with self._lock:
+            episode = self.builder.finish_episode()
+        if episode is not None and len(episode) > 0:
+            self._collect(episode)
+
+    def _collect(self, episode: Episode) -> None:
+        """Episodes of the task the robot is on now are the new-task data; a new task starts a new set."""
+        with self._lock:
+            if episode.task_id != self.task_id:
+                self.task_id, self.new_episodes = episode.task_id, []
+            self.new_episodes.append(episode)
+            n = sum(len(e) for e in self.new_episodes)
+        self.diag.values.update({"task_id": self.task_id, "new_episodes": len(self.new_episodes),
+                                 "new_transitions": n})
+        if self.min_new and n >= self.min_new and not self._busy():
+            self._start("min_new_transitions reached")
+
+    # ------------------------------------------------------------------ adaptation
+    def _busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _start(self, why: str) -> tuple[bool, str]:
+        with self._lock:
+            if self._busy():
+                return False, "adaptation is already running; try again when it has finished"
+            episodes = list(self.new_episodes)
+            if len(episodes) < self.held_out + 1:
+                return False, (f"need at least {self.held_out + 1} complete new-task episodes "
+                               f"({self.held_out} held out for validation), have {len(episodes)}")
+            self._worker = threading.Thread(target=self._run, args=(episodes,), daemon=True)
+            self._worker.start()
+        self.diag.values["state"] = "running"
+        msg = f"adaptation started ({why}) on {len(episodes)} episodes of {episodes[-1].task_id}"
+        self.get_logger().info(msg)
+        return True, msg
+
+    def _run(self, episodes: list[Episode]) -> None:
+        train, held = episodes[: len(episodes) - self.held_out], episodes[len(episodes) - self.held_out:]
+        try:
+            agent = agent_from_checkpoint(self.meta)
+            current = agent_from_checkpoint(load_checkpoint(self.current_path, expect_robot=self.robot))
+            report = adapt(agent, train, self._archive_replay(), self.adapt_cfg, seed=self.seed + self._runs)
+            result = validate_update(agent, current, held or train, self.margin)
+            self._runs += 1
+            self.diag.values.update({"last_ess": report.ess, "last_lambda": report.proximal_lambda,
+                                     "last_validation": result.reason, "adaptations": self._runs})
+            if not result.ok:
+                self.diag.warn(f"adapted policy refused: {result.reason}")
+                self.get_logger().warning(f"adapted policy refused: {result.reason}")
+                return
+            path = self.output_dir / f"adapted_{self._runs:04d}_{int(time.time())}.pt"
+            sha = save_checkpoint(path, agent, self.meta.family, self.robot,
+                                  extra={"task_id": episodes[-1].task_id, "parent_sha256": self.meta.sha256,
+                                         "adaptation": report.to_dict(), "validation": result.reason})
+            self._publish_update(str(path), sha)
+            self.diag.ok(f"published adapted checkpoint {path.name}")
+        except (MQLError, OSError, ValueError) as exc:
+            self.diag.error(f"adaptation failed: {exc}")
+            self.get_logger().error(f"adaptation failed: {exc}")
+        finally:
+            self.diag.values["state"] = "idle"
+
+    def _archive_replay(self) -> MultiTaskReplay | None:
+        """The meta-training archive as a replay, loaded once (None: adapt on new-task data only)."""
+        if not self.replay_dir:
+            return None
+        if self._replay is None:
+            replay = MultiTaskReplay(self.meta.config.history_len)
+            for episode in load_episodes(self.replay_dir, self.robot):
+                replay.add_episode(episode)
+            self._replay = replay
+        return self._replay
+
+    def _publish_update(self, path: str, sha: str) -> None:
+        self.current_path, self.current_sha = path, sha
+        self._update_pub.publish(String(data=json.dumps({"path": path, "sha256": sha})))
+        self.diag.values["current_sha256"] = sha
+        self.get_logger().info(f"published policy update {path} ({sha[:12]})")
+
+    def _on_adapt(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        response.success, response.message = self._start("requested on mql/adapt")
+        return response
+
+    def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self._publish_update(self.meta_path, self.meta.sha256)
+        response.success, response.message = True, f"republished the meta-trained checkpoint {self.meta_path}"
+        return response
+
+    def close(self) -> None:
+        """Flush the archive; an adaptation in progress is abandoned (nothing was published from it)."""
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+
+
+def main(args: list[str] | None = None) -> int:
+    """`ros2 run mql_ros adaptation`; exit 2 on bad parameters, checkpoint or config."""
+    return main_for(AdaptationNode, args, threads=3)
+

@@ -1,0 +1,190 @@
+"""rclpy plumbing shared by every node: parameters, QoS, /diagnostics, JointState decoding, main().
+
+Keeping it in one place means every node refuses bad parameters the same way, reports health the same way
+and shuts down the same way on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from sensor_msgs.msg import JointState
+
+from mql_ros.core.errors import CheckpointError, ConfigError, InputError, MQLError
+from mql_ros.core.paths import share_file
+from mql_ros.core.robot import RobotSpec
+
+# High-rate state: best effort, keep the latest few (a late sample is worth less than a fresh one).
+SENSOR_QOS = qos_profile_sensor_data
+# Commands and rewards: every message matters.
+RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.VOLATILE)
+# Episode events and policy updates: a late joiner must still see the latest one.
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+# Topic and service names, relative so a launch namespace moves the whole graph.
+JOINT_STATES = "joint_states"
+GRIPPER_STATES = "gripper/joint_states"
+ARM_COMMANDS = "arm_controller/commands"
+GRIPPER_COMMANDS = "gripper_controller/commands"
+REWARD = "mql/reward"
+EPISODE = "mql/episode"
+CONTEXT = "mql/context"
+POLICY_UPDATE = "mql/policy_update"
+DIAGNOSTICS = "/diagnostics"
+
+DEFAULT_CHECKPOINT = "checkpoints/arm_reach.pt"
+
+
+def declare(node: Node, name: str, default, description: str, lo: float | None = None,
+            hi: float | None = None, choices: Sequence[str] | None = None):
+    """Declare a parameter with a description and range; a refused value is a ConfigError naming the range.
+
+    `default` may be a Parameter.Type for parameters without a default (e.g. an optional string list).
+    """
+    desc = ParameterDescriptor(description=description)
+    if lo is not None or hi is not None:
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            raise TypeError(f"parameter {name}: a range needs a numeric default")
+        if isinstance(default, int):
+            desc.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+        else:
+            desc.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi),
+                                                            step=0.0)]
+        desc.additional_constraints = f"in [{lo}, {hi}]"
+    if choices is not None:
+        desc.additional_constraints = f"one of {list(choices)}"
+    try:
+        value = node.declare_parameter(name, default, desc).value
+    except InvalidParameterValueException as exc:
+        raise ConfigError(f"{node.get_name()}: parameter {name} is out of range [{lo}, {hi}]: {exc}") from exc
+    if isinstance(value, float) and not np.isfinite(value):
+        raise ConfigError(f"{node.get_name()}: parameter {name} must be finite, got {value}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{node.get_name()}: parameter {name}={value!r} is not one of {list(choices)}")
+    return value
+
+
+def declare_robot(node: Node) -> RobotSpec:
+    """The robot from `robot_description` (URDF XML) or the package URDF; joints may be named explicitly."""
+    urdf = declare(node, "robot_description", "",
+                   "URDF XML of the arm; empty: the package's urdf/mql_arm.urdf")
+    arm = declare(node, "arm_joints", Parameter.Type.STRING_ARRAY,
+                  "arm joint names in command order; unset: the URDF's non-finger movable joints")
+    grip = declare(node, "gripper_joints", Parameter.Type.STRING_ARRAY,
+                   "gripper joint names; unset: the URDF's movable joints named *finger*")
+    return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
+
+
+def checkpoint_path(value: str) -> str:
+    """The `checkpoint` parameter, empty meaning the checkpoint shipped with the package."""
+    return value if value else str(share_file(DEFAULT_CHECKPOINT))
+
+
+def stamp_ns(msg) -> int:
+    """A header stamp in integer nanoseconds."""
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def decode_joint_state(spec: RobotSpec, msg: JointState, joints: tuple[str, ...], what: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, velocities) of `joints` from a JointState, matched by name; InputError on NaN or gaps."""
+    pos = spec.order_joint_state(msg.name, msg.position, joints, f"{what} position")
+    if len(msg.velocity) == 0:
+        raise InputError(f"{what}: no velocities (the observation needs them)")
+    vel = spec.order_joint_state(msg.name, msg.velocity, joints, f"{what} velocity")
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
+        raise InputError(f"{what}: contains NaN or inf: position {pos.tolist()} velocity {vel.tolist()}")
+    return pos, vel
+
+
+class Diagnostics:
+    """Publishes one DiagnosticStatus for the node on /diagnostics at about 1 Hz.
+
+    The node updates `values` (shown as key/value pairs) and calls `warn`/`ok`; counters of rejected inputs
+    live here so every node reports them the same way.
+    """
+
+    def __init__(self, node: Node, period: float = 1.0) -> None:
+        self._node = node
+        self._pub = node.create_publisher(DiagnosticArray, DIAGNOSTICS, 10)
+        self.level = DiagnosticStatus.OK
+        self.message = "starting"
+        self.values: dict[str, object] = {}
+        self.rejected: dict[str, int] = {}
+        self.last_rejection = ""
+        self._timer = node.create_timer(period, self.publish)
+
+    def ok(self, message: str) -> None:
+        self.level, self.message = DiagnosticStatus.OK, message
+
+    def warn(self, message: str) -> None:
+        self.level, self.message = DiagnosticStatus.WARN, message
+
+    def error(self, message: str) -> None:
+        self.level, self.message = DiagnosticStatus.ERROR, message
+
+    def reject(self, what: str, reason: str) -> None:
+        """Count and log a rejected input (throttled log; the count and reason go on /diagnostics)."""
+        self.rejected[what] = self.rejected.get(what, 0) + 1
+        self.last_rejection = f"{what}: {reason}"
+        self._node.get_logger().warning(f"rejected {self.last_rejection}", throttle_duration_sec=1.0)
+        self.publish()
+
+    def publish(self) -> None:
+        status = DiagnosticStatus(level=self.level, name=self._node.get_fully_qualified_name(),
+                                  message=self.message, hardware_id="mql_ros")
+        items = dict(self.values)
+        items.update({f"rejected_{k}": v for k, v in self.rejected.items()})
+        if self.last_rejection:
+            items["last_rejection"] = self.last_rejection
+        status.values = [KeyValue(key=str(k), value=v if isinstance(v, str) else json.dumps(v))
+                         for k, v in items.items()]
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self._node.get_clock().now().to_msg()
+        self._pub.publish(msg)
+
+
+def main_for(make_node: Callable[[], Node], args: list[str] | None = None, threads: int = 2) -> int:
+    """Run a node until SIGINT/SIGTERM; exit 2 with a one-line reason if its parameters or files are bad.
+
+    The node may define `close()` (flush files, stop workers); it is called once on the way out. One thread
+    (the single-threaded executor) has the least overhead per callback; nodes with slow callbacks use more.
+    """
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = make_node()
+        executor = SingleThreadedExecutor() if threads == 1 else MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ConfigError, InputError, CheckpointError, FileNotFoundError, MQLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if node is not None:
+            if hasattr(node, "close"):
+                node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

@@ -1,0 +1,175 @@
+"""`context_encoder`: turns the message stream into transitions (the shared step rule) and the GRU context.
+
+Each completed step (s_t, a_t, r_t) is pushed into the checkpoint's StreamingContext and the new context is
+published on /mql/context, so the policy node reads the same context the learner computed from the same
+transitions. The context restarts from zero at every episode start and on /mql/reset_context. It follows
+/mql/policy_update like the policy node does (same validation), because a new actor needs its own encoder;
+the current episode's steps are replayed through the new encoder so the context stays consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float32MultiArray, Float64, Float64MultiArray, String
+from std_srvs.srv import Trigger
+
+from mql_ros.core.errors import CheckpointError, InputError
+from mql_ros.core.runtime import DeployedPolicy
+from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.nodes.common import (
+    ARM_COMMANDS,
+    CONTEXT,
+    EPISODE,
+    GRIPPER_COMMANDS,
+    GRIPPER_STATES,
+    JOINT_STATES,
+    LATCHED_QOS,
+    POLICY_UPDATE,
+    RELIABLE_QOS,
+    REWARD,
+    SENSOR_QOS,
+    Diagnostics,
+    checkpoint_path,
+    declare,
+    declare_robot,
+    main_for,
+)
+
+
+class ContextEncoderNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("context_encoder", **kwargs)
+        checkpoint = declare(self, "checkpoint", "", "checkpoint whose GRU encodes the context; empty: the "
+                             "shipped share/mql_ros/checkpoints/arm_reach.pt")
+        self.robot = declare_robot(self)
+        self.policy = DeployedPolicy.from_checkpoint(checkpoint_path(checkpoint), self.robot)
+        self._lock = threading.Lock()
+        self.encoder = self.policy.new_context()
+        self.builder = TransitionBuilder(self.robot)
+        self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
+        self._arm_cmd: tuple[int, np.ndarray] | None = None
+        self._published = 0
+        self.diag = Diagnostics(self)
+        self.diag.values["checkpoint_sha256"] = self.policy.sha256
+
+        self._pub = self.create_publisher(Float32MultiArray, CONTEXT, RELIABLE_QOS)
+        self.create_subscription(JointState, JOINT_STATES, self._on_arm_state, SENSOR_QOS)
+        self.create_subscription(JointState, GRIPPER_STATES, self._on_gripper_state, SENSOR_QOS)
+        self.create_subscription(Float64, REWARD, self._on_reward, RELIABLE_QOS)
+        self.create_subscription(String, EPISODE, self._on_episode, LATCHED_QOS)
+        self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
+        self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
+        self.create_subscription(String, POLICY_UPDATE, self._on_policy_update, LATCHED_QOS,
+                                 callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(Trigger, "mql/reset_context", self._on_reset)
+        self.diag.ok("waiting for an episode start")
+
+    # ------------------------------------------------------------------ feeding the step rule
+    def _guard(self, what: str, feed) -> object:
+        """Feed one message to the builder; a malformed one is rejected and reported, never fatal."""
+        try:
+            with self._lock:
+                return feed()
+        except InputError as exc:
+            self.diag.reject(what, str(exc))
+            return None
+
+    def _stamp(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_arm_state(self, msg: JointState) -> None:
+        self._guard("joint_state", lambda: self.builder.on_joint_state(
+            self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)))
+
+    def _on_gripper_state(self, msg: JointState) -> None:
+        self._guard("gripper_state", lambda: self.builder.on_gripper_state(
+            self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)))
+
+    def _on_reward(self, msg: Float64) -> None:
+        self._guard("reward", lambda: self.builder.on_reward(self._stamp(), float(msg.data)))
+
+    def _on_episode(self, msg: String) -> None:
+        try:
+            event = json.loads(msg.data)
+        except json.JSONDecodeError as exc:
+            self.diag.reject("episode", f"not JSON: {exc}")
+            return
+        self._guard("episode", lambda: self.builder.on_episode(self._stamp(), msg.data))
+        if isinstance(event, dict) and event.get("event") == "start":
+            self.reset(f"episode start ({event.get('task_id', '?')})")
+
+    def _on_arm_command(self, msg: Float64MultiArray) -> None:
+        with self._lock:
+            self._arm_cmd = (self._stamp(), np.asarray(msg.data, dtype=np.float64))
+
+    def _on_gripper_command(self, msg: Float64MultiArray) -> None:
+        """The policy publishes the arm command, then the gripper command: the pair is one control step."""
+        with self._lock:
+            arm, self._arm_cmd = self._arm_cmd, None
+        if arm is None:
+            self.diag.reject("gripper_command", "no arm command before it")
+            return
+        transition = self._guard("command", lambda: self.builder.on_command(
+            arm[0], arm[1], np.asarray(msg.data, dtype=np.float64)))
+        if transition is not None:
+            self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward))
+
+    # ------------------------------------------------------------------ the context
+    def _push(self, obs: np.ndarray, action: np.ndarray, reward: float) -> None:
+        with self._lock:
+            self._steps.append((obs, action, reward))
+            z = self.encoder.push(obs, action, reward)
+        self._publish(z)
+
+    def _publish(self, z: np.ndarray) -> None:
+        self._pub.publish(Float32MultiArray(data=np.asarray(z, dtype=np.float32).tolist()))
+        self._published += 1
+        self.diag.values.update({"published": self._published, "episode_steps": len(self._steps)})
+
+    def reset(self, why: str) -> None:
+        """Zero context and empty history; published at once so the policy has a context for step 0."""
+        with self._lock:
+            self.encoder.reset()
+            self._steps.clear()
+            z = np.zeros(self.policy.context_dim, dtype=np.float32)
+        self._publish(z)
+        self.diag.ok(f"reset: {why}")
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.reset("mql/reset_context")
+        response.success, response.message = True, "context cleared"
+        return response
+
+    def _on_policy_update(self, msg: String) -> None:
+        try:
+            update = json.loads(msg.data)
+            path, sha = str(update["path"]), str(update["sha256"])
+            if sha == self.policy.sha256:
+                return
+            candidate = DeployedPolicy.from_checkpoint(path, self.robot)
+            if candidate.sha256 != sha:
+                raise CheckpointError(f"checkpoint {path}: sha256 is {candidate.sha256}, "
+                                      f"the update said {sha}")
+        except (json.JSONDecodeError, KeyError, TypeError, CheckpointError, InputError) as exc:
+            self.diag.reject("policy_update", f"kept checkpoint {self.policy.sha256[:12]}: {exc}")
+            return
+        with self._lock:
+            context = candidate.new_context()
+            z = np.zeros(candidate.context_dim, dtype=np.float32)
+            for obs, action, reward in self._steps:
+                z = context.push(obs, action, reward)
+            self.policy, self.encoder = candidate, context
+        self.diag.values["checkpoint_sha256"] = candidate.sha256
+        self._publish(z)
+        self.get_logger().info(f"encoder switched to checkpoint {path} ({sha[:12]})")
+
+
+def main(args: list[str] | None = None) -> int:
+    """`ros2 run mql_ros context_encoder`; exit 2 on bad parameters or an unusable checkpoint."""
+    return main_for(ContextEncoderNode, args)

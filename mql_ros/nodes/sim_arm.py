@@ -1,0 +1,228 @@
+"""`sim_arm`: the MuJoCo arm (mql_ros.sim.arm.ArmEnv) as simulated hardware on the contract topics.
+
+It behaves like a robot driver: a lifecycle node (configure builds the simulator, activate starts the
+clock), it holds the last targets when no command arrives and rejects malformed commands with a reason on
+/diagnostics instead of crashing. Each tick of `sim_rate` advances the physics by 1/sim_rate with the
+current targets, then publishes the reward of that step and the new joint states (reward before state, so
+the step rule can pair each command with the reward that followed it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64, Float64MultiArray, String
+from std_srvs.srv import Trigger
+
+from mql_ros.core.errors import ConfigError, InputError
+from mql_ros.core.tasks import resolve_family, split_tasks, task_id
+from mql_ros.nodes.common import (
+    ARM_COMMANDS,
+    EPISODE,
+    GRIPPER_COMMANDS,
+    GRIPPER_STATES,
+    JOINT_STATES,
+    LATCHED_QOS,
+    RELIABLE_QOS,
+    REWARD,
+    Diagnostics,
+    declare,
+    main_for,
+)
+
+TASK_PARAMETERS = ("family", "task_split", "task_index", "task_json")
+
+
+class SimArmNode(LifecycleNode):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("sim_arm", **kwargs)
+        self.autostart = declare(self, "autostart", True,
+                                 "configure and activate at start-up (plain ros2 run)")
+        self.sim_rate = declare(self, "sim_rate", 25.0, "Hz: physics ticks and state publications per second",
+                                1.0, 1000.0)
+        self.episode_steps = declare(self, "episode_steps", 50, "sim ticks per episode", 1, 100000)
+        self.seed = declare(self, "seed", 0, "seed of the initial-pose noise", 0, 2**31 - 1)
+        declare(self, "family", "arm_reach", "task family: built-in name or package.module:attribute")
+        declare(self, "task_split", "test", "split the task is taken from", choices=("train", "test", "ood"))
+        declare(self, "task_index", 0, "index of the task in its split", 0, 100000)
+        declare(self, "task_json", "", "JSON task dict overriding family/split/index (task_id 'custom'); "
+                "empty: use the split")
+        self._lock = threading.Lock()
+        self.env = None
+        self._task_id, self._task = self._task_from_params({})
+        self._arm_cmd: np.ndarray | None = None
+        self._grip_cmd: np.ndarray | None = None
+        self._reset_requested = False
+        self._step = 0
+        self._episode = 0
+        self._timer = None
+        self.diag = Diagnostics(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # ------------------------------------------------------------------ tasks
+    def _task_from_params(self, changes: dict) -> tuple[str, dict]:
+        """The (task_id, task) the parameters (with `changes` applied) select; InputError if invalid."""
+        p = {n: changes.get(n, self.get_parameter(n).value) for n in TASK_PARAMETERS}
+        if p["task_json"]:
+            try:
+                task = json.loads(p["task_json"])
+            except json.JSONDecodeError as exc:
+                raise InputError(f"task_json is not valid JSON: {exc}") from exc
+            if not isinstance(task, dict):
+                raise InputError(f"task_json must be a JSON object, got {p['task_json']!r}")
+            return "custom", task
+        family = resolve_family(p["family"])
+        tasks = split_tasks(family, p["task_split"])
+        if not 0 <= p["task_index"] < len(tasks):
+            raise InputError(f"task_index {p['task_index']} is outside the {p['task_split']} split "
+                             f"(0..{len(tasks) - 1})")
+        return task_id(family, p["task_split"], p["task_index"]), tasks[p["task_index"]]
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Task parameters change at run time: validated now, in effect at the next episode."""
+        changes = {p.name: p.value for p in params if p.name in TASK_PARAMETERS}
+        if not changes:
+            fixed = [p.name for p in params if p.name in ("sim_rate", "episode_steps", "seed", "autostart")]
+            if fixed:
+                return SetParametersResult(successful=False, reason=f"{fixed} are fixed after start-up")
+            return SetParametersResult(successful=True)
+        try:
+            new_id, new_task = self._task_from_params(changes)
+            if self.env is not None:
+                self.env.set_task(new_task)  # validates; applied at the next reset
+        except (InputError, ConfigError, ValueError, KeyError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        with self._lock:
+            self._task_id, self._task = new_id, new_task
+        self.get_logger().info(f"task {new_id} takes effect at the next episode")
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            family = resolve_family(self.get_parameter("family").value)
+            self.env = family.make_env(self._task)
+            if not hasattr(self.env, "apply_commands"):
+                raise InputError(f"family {family.name!r} does not make an ArmEnv (no apply_commands)")
+        except (InputError, ConfigError, ValueError) as exc:
+            self.get_logger().error(f"cannot build the simulator: {exc}")
+            self.diag.error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.robot = self.env.robot
+        self._joint_pub = self.create_lifecycle_publisher(JointState, JOINT_STATES, 10)
+        self._grip_pub = self.create_lifecycle_publisher(JointState, GRIPPER_STATES, 10)
+        self._reward_pub = self.create_lifecycle_publisher(Float64, REWARD, RELIABLE_QOS)
+        self._episode_pub = self.create_lifecycle_publisher(String, EPISODE, LATCHED_QOS)
+        self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
+        self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
+        self.create_service(Trigger, "sim/reset", self._on_reset)
+        self.diag.ok("configured")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)
+        self._start_episode()
+        self._timer = self.create_timer(1.0 / self.sim_rate, self._tick)
+        self.diag.ok("running")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        self.diag.warn("inactive")
+        return super().on_deactivate(state)
+
+    # ------------------------------------------------------------------ commands
+    def _on_arm_command(self, msg: Float64MultiArray) -> None:
+        values = np.asarray(msg.data, dtype=np.float64)
+        if self.env is None:
+            return
+        if values.shape[0] != self.robot.n_arm:
+            self.diag.reject("arm_command", f"expected {self.robot.n_arm} values, got {values.shape[0]}")
+        elif not np.all(np.isfinite(values)):
+            self.diag.reject("arm_command", f"contains NaN or inf: {values.tolist()}")
+        else:
+            with self._lock:
+                self._arm_cmd = values
+
+    def _on_gripper_command(self, msg: Float64MultiArray) -> None:
+        values = np.asarray(msg.data, dtype=np.float64)
+        if values.shape[0] != 1:
+            self.diag.reject("gripper_command", f"expected 1 value, got {values.shape[0]}")
+        elif not np.all(np.isfinite(values)):
+            self.diag.reject("gripper_command", f"contains NaN or inf: {values.tolist()}")
+        else:
+            with self._lock:
+                self._grip_cmd = values
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            self._reset_requested = True
+        response.success, response.message = True, "a new episode starts at the next tick"
+        return response
+
+    # ------------------------------------------------------------------ the clock
+    def _start_episode(self) -> None:
+        """Reset the arm (pending task applied) and announce the episode before its first state."""
+        self.env.reset(seed=self.seed + self._episode)
+        arm_q, _, grip_q, _ = self.env.joint_state()
+        with self._lock:  # hold the reset pose until the first command of the new episode
+            self._arm_cmd, self._grip_cmd = arm_q.copy(), grip_q[:1].copy()
+            self._reset_requested = False
+            current_id = self._task_id
+        self.env.apply_commands(self._arm_cmd, self._grip_cmd)
+        self._step = 0
+        self._publish_event("start", current_id)
+        self._publish_state()
+
+    def _publish_event(self, event: str, tid: str) -> None:
+        self._episode_id = tid if event == "start" else self._episode_id
+        payload = {"event": event, "task_id": self._episode_id, "task": self.env.task,
+                   "episode": self._episode}
+        self._episode_pub.publish(String(data=json.dumps(payload)))
+
+    def _publish_state(self) -> None:
+        arm_q, arm_dq, grip_q, grip_dq = self.env.joint_state()
+        stamp = self.get_clock().now().to_msg()
+        for pub, names, q, dq in ((self._joint_pub, self.robot.arm_joints, arm_q, arm_dq),
+                                  (self._grip_pub, self.robot.gripper_joints, grip_q, grip_dq)):
+            msg = JointState(name=list(names), position=q.tolist(), velocity=dq.tolist())
+            msg.header.stamp = stamp
+            pub.publish(msg)
+
+    def _tick(self) -> None:
+        with self._lock:
+            arm, grip, reset = self._arm_cmd, self._grip_cmd, self._reset_requested
+        self.env.apply_commands(arm, grip)
+        diverged = self.env.advance(1.0 / self.sim_rate)
+        self._step += 1
+        self._reward_pub.publish(Float64(data=float(self.env.current_reward())))
+        self._publish_state()
+        if diverged:
+            self.diag.warn("the physics diverged; the arm was reset to its home pose")
+        self.diag.values.update({"episode": self._episode, "step": self._step, "task_id": self._episode_id})
+        if reset or diverged or self._step >= self.episode_steps:
+            self._publish_event("end", self._episode_id)
+            self._episode += 1
+            self._start_episode()
+
+
+def main(args: list[str] | None = None) -> int:
+    """`ros2 run mql_ros sim_arm`; exit 2 on bad parameters."""
+
+    def make() -> SimArmNode:
+        node = SimArmNode()
+        if node.autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise ConfigError(f"sim_arm failed to configure: {node.diag.message}")
+            node.trigger_activate()
+        return node
+
+    return main_for(make, args)

@@ -1,0 +1,88 @@
+"""The built-in arm task families: what varies between tasks, and the fixed seeded train/test/ood splits.
+
+arm_reach varies the (unobserved) target; arm_payload varies the dynamics (payload mass at the tool, joint
+damping and friction, PEARL-style log-uniform scales) around a fixed target. Both are reach tasks on the
+same ArmEnv, so one meta-trained policy architecture serves both, and a task dict is plain JSON.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mql_ros.sim.arm import ArmEnv, copy_task
+
+TARGET_HEIGHT = 0.12  # m above the table: low enough to need the whole arm, high enough to clear the table
+PAYLOAD_TARGET = (0.42, 0.1, 0.12)  # far and low: the largest lever arm for the payload
+BASE_PAYLOAD_KG = 0.5
+
+
+def _target_on_arc(yaw: float, radius: float) -> list[float]:
+    return [float(radius * np.cos(yaw)), float(radius * np.sin(yaw)), TARGET_HEIGHT]
+
+
+class _ArmFamily:
+    """Shared split bookkeeping: tasks are drawn once from a seeded generator, then only copied out."""
+
+    name = ""
+
+    def __init__(self, n_train: int = 40, n_test: int = 10, n_ood: int = 10, seed: int = 0,
+                 episode_steps: int = 50, reward: str = "reach") -> None:
+        rng = np.random.default_rng(seed)
+        self._train = [self._sample(rng, ood=False) for _ in range(n_train)]
+        self._test = [self._sample(rng, ood=False) for _ in range(n_test)]
+        self._ood = [self._sample(rng, ood=True) for _ in range(n_ood)]
+        self.episode_steps = episode_steps
+        self.reward = reward
+
+    def _sample(self, rng: np.random.Generator, ood: bool) -> dict:
+        raise NotImplementedError
+
+    def train_tasks(self) -> list[dict]:
+        return [copy_task(t) for t in self._train]
+
+    def test_tasks(self) -> list[dict]:
+        return [copy_task(t) for t in self._test]
+
+    def ood_tasks(self) -> list[dict]:
+        return [copy_task(t) for t in self._ood]
+
+    def make_env(self, task: dict) -> ArmEnv:
+        return ArmEnv(task, episode_steps=self.episode_steps, reward=self.reward)
+
+
+class ArmReachFamily(_ArmFamily):
+    """Targets on a flat arc in front of the arm, 2-D variation (bearing, distance) at a fixed height.
+
+    Train/test: bearing U[-0.6, 0.6] rad, distance U[0.2, 0.42] m. OOD: farther (U[0.46, 0.52] m; the arm
+    reaches about 0.55 m at this height) and wider (|bearing| in [0.7, 1.0] rad) than anything trained on.
+    """
+
+    name = "arm_reach"
+    YAW, RADIUS = (-0.6, 0.6), (0.2, 0.42)
+    OOD_YAW, OOD_RADIUS = (0.7, 1.0), (0.46, 0.52)
+
+    def _sample(self, rng: np.random.Generator, ood: bool) -> dict:
+        if ood:
+            yaw = rng.uniform(*self.OOD_YAW) * rng.choice([-1.0, 1.0])
+            return {"target": _target_on_arc(yaw, rng.uniform(*self.OOD_RADIUS))}
+        return {"target": _target_on_arc(rng.uniform(*self.YAW), rng.uniform(*self.RADIUS))}
+
+
+class ArmPayloadFamily(_ArmFamily):
+    """Hold the tool at a fixed target while the dynamics vary (PEARL's rand-param scales).
+
+    payload = 0.5 kg * 1.5^u, damping and friction = URDF values * 1.3^u, u ~ U[-3, 3] independently.
+    OOD: heavier payload (u in [3.5, 4.5]: 2.1-3.1 kg) and more damping (u in [3.5, 4.5]).
+    The target is far out and low, so the payload's gravity sag of the compliant servos (2-12 cm when
+    uncompensated) is what a policy must infer and correct; the shoulder's 20 N m still holds 3.1 kg there.
+    """
+
+    name = "arm_payload"
+    EXPONENT, OOD_EXPONENT = (-3.0, 3.0), (3.5, 4.5)
+
+    def _sample(self, rng: np.random.Generator, ood: bool) -> dict:
+        lo, hi = self.OOD_EXPONENT if ood else self.EXPONENT
+        u_mass, u_damp = rng.uniform(lo, hi, 2)
+        u_fric = rng.uniform(*self.EXPONENT)
+        return {"target": list(PAYLOAD_TARGET), "payload_mass": float(BASE_PAYLOAD_KG * 1.5**u_mass),
+                "damping_scale": float(1.3**u_damp), "friction_scale": float(1.3**u_fric)}

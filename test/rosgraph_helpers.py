@@ -1,0 +1,165 @@
+"""Helpers for the node integration tests: start node processes, and a probe node inside the test process.
+
+Every graph runs on its own ROS_DOMAIN_ID and only on loopback, so tests never see each other's traffic.
+Waiting is always on a condition with a timeout; a timeout failure shows the nodes' logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALLED_LIB = Path(sys.prefix) / "lib" / "mql_ros"
+
+
+def ros_env(domain_id: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"ROS_DOMAIN_ID": str(domain_id), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+                "AMENT_PREFIX_PATH": env.get("AMENT_PREFIX_PATH", sys.prefix), "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1", "RCUTILS_LOGGING_BUFFERED_STREAM": "0"})
+    return env
+
+
+def node_command(node: str) -> list[str]:
+    """The installed executable (`ros2 run` layout) when the package is installed, else the source module."""
+    exe = INSTALLED_LIB / node
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [sys.executable, str(exe)]
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            f"from mql_ros.nodes.{node} import main; sys.exit(main())"]
+
+
+class NodeProcess:
+    """One node in its own process group, with its output in a log file."""
+
+    def __init__(self, node: str, params: dict, domain_id: int, workdir: Path, name: str | None = None):
+        self.node = node
+        self.name = name or node
+        params_file = workdir / f"{self.name}.params.yaml"
+        params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+        self.log_path = workdir / f"{self.name}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        cmd = node_command(node) + ["--ros-args", "--params-file", str(params_file)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=ros_env(domain_id),
+                                     cwd=workdir, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def interrupt(self, sig: int = signal.SIGINT) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        """Signal the process group and wait; kill it if it does not exit in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+        return self.proc.returncode
+
+
+class Probe:
+    """An rclpy node in the test process, on the graph's domain, spinning in a background thread."""
+
+    def __init__(self, domain_id: int, logs: Callable[[], str] = lambda: ""):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self._rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node("test_probe", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.lock = threading.Lock()
+        self.messages: dict[str, list[tuple[float, object]]] = {}
+        self._logs = logs
+        self._clients: dict[str, object] = {}
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while self.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.05)
+            except Exception:  # shutdown while spinning
+                if self.context.ok():
+                    raise
+
+    def subscribe(self, msg_type, topic: str, qos) -> list[tuple[float, object]]:
+        """Record (monotonic receive time, message) of a topic; returns the live list."""
+        store = self.messages.setdefault(topic, [])
+
+        def on_msg(msg) -> None:
+            with self.lock:
+                store.append((time.monotonic(), msg))
+
+        self.node.create_subscription(msg_type, topic, on_msg, qos)
+        return store
+
+    def received(self, topic: str) -> list:
+        with self.lock:
+            return [m for _, m in self.messages.get(topic, [])]
+
+    def stamped(self, topic: str) -> list[tuple[float, object]]:
+        with self.lock:
+            return list(self.messages.get(topic, []))
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
+        """Poll a condition until it is truthy; on timeout fail with `what` and the nodes' logs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n"
+                             f"--- node logs ---\n{self._logs()}")
+
+    def call(self, srv_type, name: str, request, timeout: float = 20.0):
+        if name not in self._clients:  # reused: a second call goes out at once, without rediscovery
+            self._clients[name] = self.node.create_client(srv_type, name)
+        client = self._clients[name]
+        self.wait_for(lambda: client.wait_for_service(timeout_sec=0.1), timeout, f"service {name}")
+        future = client.call_async(request)
+        self.wait_for(future.done, timeout, f"the response of {name}")
+        return future.result()
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self.context)
+        self._thread.join(2.0)
+
+
+def diagnostic_values(probe: Probe, node_name: str) -> list[dict[str, str]]:
+    """Key/value dicts of every /diagnostics status of one node received so far, oldest first."""
+    out = []
+    for array in probe.received("/diagnostics"):
+        for status in array.status:
+            if status.name.rstrip("/").endswith(node_name):
+                d = {kv.key: kv.value for kv in status.values}
+                d["_message"] = status.message
+                d["_level"] = int.from_bytes(status.level, "little") if isinstance(status.level, bytes) \
+                    else int(status.level)
+                out.append(d)
+    return out

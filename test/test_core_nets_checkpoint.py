@@ -1,0 +1,165 @@
+"""Checkpoints round-trip bit-exactly; every bad file is a CheckpointError naming it; DeployedPolicy = torch."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mql_ros.core.checkpoint import (
+    CHECKPOINT_VERSION,
+    agent_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mql_ros.core.config import MQLConfig
+from mql_ros.core.episode import Episode
+from mql_ros.core.errors import CheckpointError, InputError
+from mql_ros.core.replay import episodes_to_batch
+from mql_ros.core.robot import RobotSpec
+from mql_ros.core.runtime import DeployedPolicy
+from mql_ros.core.td3 import TD3Context
+
+torch.set_num_threads(1)
+ROBOT = RobotSpec(("j1", "j2"), ("finger",), (-1.0, -2.0), (1.0, 2.0), 0.0, 0.04)  # obs 6, act 3
+CFG = MQLConfig(history_len=6, context_dim=4, hidden_sizes=(16, 16))
+
+
+def _trained_agent(cfg=CFG):
+    agent = TD3Context(cfg, ROBOT.obs_dim, ROBOT.act_dim, seed=1)
+    rng = np.random.default_rng(0)
+    ep = Episode("t", rng.normal(size=(9, ROBOT.obs_dim)), rng.uniform(-1, 1, (8, ROBOT.act_dim)),
+                 rng.normal(size=8))
+    batch = episodes_to_batch([ep], cfg.history_len)
+    for _ in range(2):
+        agent.update(batch)
+    return agent, ep
+
+
+def _flat(state, prefix=""):
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            yield from _flat(v, f"{prefix}/{k}")
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            yield from _flat(v, f"{prefix}/{i}")
+
+
+def test_round_trip_is_bit_exact_with_metadata(tmp_path):
+    agent, _ = _trained_agent()
+    path = tmp_path / "a.pt"
+    sha = save_checkpoint(path, agent, "arm_reach", ROBOT, extra={"curve": [1.0, 2.0]})
+    ckpt = load_checkpoint(path, expect_obs_dim=ROBOT.obs_dim, expect_act_dim=ROBOT.act_dim,
+                           expect_robot=ROBOT)
+    assert ckpt.sha256 == sha and ckpt.version == CHECKPOINT_VERSION
+    assert ckpt.config == CFG and ckpt.family == "arm_reach" and ckpt.robot == ROBOT
+    assert ckpt.extra == {"curve": [1.0, 2.0]}
+    loaded = dict(_flat(agent_from_checkpoint(ckpt).state_dict()))
+    for name, t in _flat(agent.state_dict()):
+        assert torch.equal(loaded[name], t), name
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+
+def _save_payload(path, payload):
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture
+def good(tmp_path):
+    agent, _ = _trained_agent()
+    path = tmp_path / "good.pt"
+    save_checkpoint(path, agent, "arm_reach", ROBOT)
+    return path, torch.load(path, weights_only=True)
+
+
+def _edited(tmp_path, payload, **changes):
+    return _save_payload(tmp_path / "bad.pt", {**payload, **changes})
+
+
+def test_missing_truncated_and_foreign_files_are_checkpoint_errors(tmp_path, good):
+    path, _ = good
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    _save_payload(tmp_path / "list.pt", [1, 2])
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 99}, "unknown version 99"),
+    ({"config": {"history_len": 6, "bogus": 1}}, "bogus"),
+    ({"obs_dim": 7}, "robot spec dims"),
+    ({"robot": {"arm_joints": ["a"]}}, "invalid robot spec"),
+])
+def test_inconsistent_contents_are_checkpoint_errors(tmp_path, good, change, message):
+    _, payload = good
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_edited(tmp_path, payload, **change))
+
+
+def test_missing_keys_non_finite_and_misfitting_weights_are_checkpoint_errors(tmp_path, good):
+    _, payload = good
+    broken = {k: v for k, v in payload.items() if k != "weights"}
+    with pytest.raises(CheckpointError, match="missing keys \\['weights'\\]"):
+        load_checkpoint(_save_payload(tmp_path / "m.pt", broken))
+    nets = dict(payload["weights"]["nets"])
+    name = next(iter(nets))
+    nets[name] = torch.full_like(nets[name], float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(_edited(tmp_path, payload, weights={**payload["weights"], "nets": nets}))
+    other = {**payload["config"], "hidden_sizes": [8, 8]}
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(_edited(tmp_path, payload, config=other))
+
+
+def test_expectations_that_do_not_match_are_checkpoint_errors(good):
+    path, _ = good
+    with pytest.raises(CheckpointError, match="obs_dim is 6, expected 5"):
+        load_checkpoint(path, expect_obs_dim=5)
+    other = replace(ROBOT, arm_joints=("j1", "elbow"))
+    with pytest.raises(CheckpointError, match="another robot: arm_joints"):
+        load_checkpoint(path, expect_robot=other)
+    with pytest.raises(CheckpointError, match="good.pt"):
+        DeployedPolicy.from_checkpoint(path, expect_robot=other)
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, good):
+    path, _ = good
+    before = path.read_bytes()
+    agent, _ = _trained_agent()
+    with pytest.raises(InputError):
+        save_checkpoint(path, agent, "x", RobotSpec(("a",), ("finger",), (-1.0,), (1.0,), 0.0, 1.0))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_deployed_policy_equals_the_torch_agent(tmp_path, shared):
+    cfg = replace(CFG, shared_encoder=shared, history_len=5)
+    agent, ep = _trained_agent(cfg)
+    path = tmp_path / "p.pt"
+    save_checkpoint(path, agent, "arm_reach", ROBOT)
+    policy = DeployedPolicy.from_checkpoint(path, expect_robot=ROBOT)
+    assert policy.context_dim == cfg.context_dim and policy.sha256 == load_checkpoint(path).sha256
+    ctx, ref = policy.new_context(), agent.streaming_context()
+    z, z_ref = ctx.context, ref.context
+    for k in range(len(ep)):  # 8 steps > H = 5: the recomputed window too
+        np.testing.assert_allclose(policy.act(ep.observations[k], z), agent.act(ep.observations[k], z_ref),
+                                   atol=1e-5)
+        z = ctx.push(ep.observations[k], ep.actions[k], ep.rewards[k])
+        z_ref = ref.push(ep.observations[k], ep.actions[k], ep.rewards[k])
+    batch = episodes_to_batch([ep], cfg.history_len)
+    np.testing.assert_allclose(z, agent.contexts(batch.next_hist, batch.next_hist_len)[-1].numpy(), atol=1e-5)
+    with pytest.raises(InputError):
+        policy.act(np.full(ROBOT.obs_dim, np.nan), z)
+    with pytest.raises(InputError):
+        policy.act(np.zeros(ROBOT.obs_dim), np.zeros(cfg.context_dim + 1))

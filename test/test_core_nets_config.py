@@ -1,0 +1,75 @@
+"""Config loading is strict: unknown keys, out-of-range values and wrong types name the key."""
+
+import pytest
+
+from mql_ros.core.config import AdaptConfig, MQLConfig, load_config
+from mql_ros.core.errors import ConfigError
+
+
+def test_defaults_fit_a_whole_arm_episode_in_the_context_window():
+    cfg = MQLConfig()
+    assert cfg.history_len >= 50 and cfg.adapt == AdaptConfig()
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = MQLConfig(history_len=60, hidden_sizes=(32, 32), adapt=AdaptConfig(proximal="fixed"))
+    assert MQLConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.yaml"
+    path.write_text("history_len: 60\nhidden_sizes: [32, 32]\nadapt:\n  proximal: fixed\n")
+    assert MQLConfig.from_yaml(path) == cfg
+
+
+def test_overrides_merge_into_the_nested_adapt_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adapt:\n  archive_iters: 7\n")
+    cfg = load_config(path, overrides={"batch_size": 32, "adapt": {"lr": 1e-3}})
+    assert (cfg.batch_size, cfg.adapt.archive_iters, cfg.adapt.lr) == (32, 7, 1e-3)
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"histroy_len": 5}, r"unknown config key\(s\) \['histroy_len'\]; valid keys: \['history_len'"),
+    ({"adapt": {"beta": 1}}, r"adapt: unknown config key\(s\) \['beta'\]; valid keys: \['use_propensity'"),
+])
+def test_unknown_keys_are_named_with_the_valid_ones(d, message):
+    with pytest.raises(ConfigError, match=message):
+        MQLConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"gamma": 1.5}, r"gamma=1.5 is out of range \[0, 1\]"),
+    ({"tau": 0}, r"tau=0.0 is out of range \(0, 1\]"),
+    ({"batch_size": 0}, r"batch_size=0 is out of range \[1, inf\)"),
+    ({"lr": float("nan")}, "lr: must be finite"),
+    ({"hidden_sizes": [64, -1]}, r"hidden_sizes\[1\]=-1 is out of range"),
+    ({"adapt": {"beta_clip": -1}}, r"adapt.beta_clip=-1.0 is out of range \(0, 20\]"),
+    ({"adapt": {"proximal": "sometimes"}},
+     r"adapt.proximal='sometimes' is not one of \['ess', 'fixed', 'off'\]"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(d, message):
+    with pytest.raises(ConfigError, match=message):
+        MQLConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"history_len": "50"}, "history_len: expected an integer, got str"),
+    ({"history_len": 2.5}, "history_len: expected an integer"),
+    ({"use_context": "yes"}, "use_context: expected true or false"),
+    ({"hidden_sizes": 256}, "hidden_sizes: expected a non-empty list"),
+    ({"adapt": [1]}, "adapt: expected a mapping"),
+    ({"adapt": {"use_archive": 1}}, "adapt.use_archive: expected true or false"),
+])
+def test_wrong_types_are_errors(d, message):
+    with pytest.raises(ConfigError, match=message):
+        MQLConfig.from_dict(d)
+
+
+def test_unreadable_or_non_mapping_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(bad)

@@ -1,0 +1,138 @@
+"""The context: batched GRU windows (training) and the one-step StreamingContext (deployment) agree."""
+
+import numpy as np
+import pytest
+import torch
+
+from mql_ros.core.config import MQLConfig
+from mql_ros.core.context import StreamingContext, context_entries
+from mql_ros.core.episode import Episode
+from mql_ros.core.errors import InputError
+from mql_ros.core.networks import ContextEncoder, PackedWindows, encode_windows
+from mql_ros.core.replay import episodes_to_batch
+from mql_ros.core.td3 import TD3Context
+
+torch.set_num_threads(1)
+OBS, ACT = 4, 2
+
+
+def _episode(rng, steps, task="t"):
+    return Episode(task, rng.normal(size=(steps + 1, OBS)), rng.uniform(-1, 1, (steps, ACT)),
+                   rng.normal(size=steps))
+
+
+def _stream(agent, episode):
+    sc = agent.streaming_context()
+    out = [sc.context.copy()]
+    for k in range(len(episode)):
+        out.append(sc.push(episode.observations[k], episode.actions[k], episode.rewards[k]).copy())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("history_len", [5, 12])
+def test_streaming_context_equals_batched_windows_also_past_history_len(history_len):
+    rng = np.random.default_rng(0)
+    agent = TD3Context(MQLConfig(history_len=history_len, hidden_sizes=(16,), context_dim=6), OBS, ACT)
+    ep = _episode(rng, 11)  # longer than H=5: exercises the window recompute
+    streamed = _stream(agent, ep)
+    batch = episodes_to_batch([ep], history_len)
+    now = agent.contexts(batch.hist, batch.hist_len).numpy()
+    nxt = agent.contexts(batch.next_hist, batch.next_hist_len).numpy()
+    np.testing.assert_allclose(streamed[:-1], now, atol=1e-5)
+    np.testing.assert_allclose(streamed[1:], nxt, atol=1e-5)
+
+
+def test_context_is_zero_at_episode_start_and_after_reset():
+    rng = np.random.default_rng(1)
+    agent = TD3Context(MQLConfig(history_len=8, hidden_sizes=(16,), context_dim=5), OBS, ACT)
+    ep = _episode(rng, 3)
+    batch = episodes_to_batch([ep], 8)
+    assert batch.hist_len[0] == 0
+    assert torch.all(agent.contexts(batch.hist, batch.hist_len)[0] == 0)
+    sc = agent.streaming_context()
+    sc.push(ep.observations[0], ep.actions[0], 1.0)
+    assert np.any(sc.context != 0)
+    sc.reset()
+    assert np.all(sc.context == 0) and sc.steps == 0
+
+
+def test_context_entries_are_action_reward_observation_in_that_order():
+    ep = Episode("t", np.arange(3 * OBS, dtype=float).reshape(3, OBS), [[0.1, 0.2], [0.3, 0.4]], [5.0, 6.0])
+    e = context_entries(ep)
+    np.testing.assert_allclose(e[1], [0.3, 0.4, 6.0, *ep.observations[1]])
+    assert e.shape == (2, ACT + 1 + OBS)
+
+
+def test_packed_gru_matches_torch_gru_values_and_gradients():
+    torch.manual_seed(0)
+    enc = ContextEncoder(5, 4).double()
+    lens = torch.tensor([0, 1, 6, 3, 5, 2, 6])
+    x = torch.randn(7, 6, 5, dtype=torch.float64) * (torch.arange(6)[None, :, None] < lens[:, None, None])
+    out = enc(x, lens)
+    ref_all, _ = enc.gru(x)
+    ref = ref_all[torch.arange(7), (lens - 1).clamp(min=0)] * (lens > 0)[:, None]
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(7, 4, dtype=torch.float64)
+    (out * g).sum().backward()
+    mine = [p.grad.clone() for p in enc.gru.parameters()]
+    enc.zero_grad()
+    (ref * g).sum().backward()
+    for a, b in zip(mine, [p.grad for p in enc.gru.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_packed_windows_put_longest_windows_first():
+    lens = torch.tensor([2, 0, 3, 1])
+    p = PackedWindows.of(torch.zeros(4, 3, 2), lens)
+    assert p.counts == [3, 2, 1]
+    assert lens[p.order].tolist() == [3, 2, 1, 0]
+    assert p.x.shape == (6, 2)
+
+
+def test_streaming_push_rejects_bad_input_without_changing_state():
+    agent = TD3Context(MQLConfig(history_len=4, hidden_sizes=(8,), context_dim=3), OBS, ACT)
+    sc = agent.streaming_context()
+    sc.push(np.ones(OBS), np.zeros(ACT), 0.5)
+    before, steps = sc.context.copy(), sc.steps
+    for obs, act, rew in [(np.ones(OBS + 1), np.zeros(ACT), 0.0), (np.ones(OBS), np.zeros(ACT), np.nan),
+                          (np.full(OBS, np.inf), np.zeros(ACT), 0.0),
+                          (np.ones(OBS), np.zeros(ACT), [1.0, 2.0])]:
+        with pytest.raises(InputError):
+            sc.push(obs, act, rew)
+    assert sc.steps == steps and np.array_equal(sc.context, before)
+
+
+def test_streaming_context_rejects_weights_of_another_size():
+    with pytest.raises(InputError, match="obs_dim"):
+        StreamingContext(np.zeros((9, 7)), np.zeros((9, 3)), np.zeros(9), np.zeros(9), 4, obs_dim=OBS + 1,
+                         act_dim=ACT)
+
+
+def _reference(enc, hist, lens):
+    out, _ = enc.gru(hist)
+    return out[torch.arange(hist.shape[0]), (lens - 1).clamp(min=0)] * (lens > 0)[:, None]
+
+
+@pytest.mark.parametrize("steps", [7, 12])  # 12 > H: windows slide, so the shared pass must not be used
+def test_one_pass_for_now_and_next_windows_matches_separate_torch_grus(steps):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    h = 8
+    episodes = [_episode(rng, steps), _episode(rng, 3)]
+    batch = episodes_to_batch(episodes, h)
+    now = [ContextEncoder(ACT + 1 + OBS, 5).double() for _ in range(2)]
+    nxt = [ContextEncoder(ACT + 1 + OBS, 5).double() for _ in range(2)]
+    hist, nhist = batch.hist.double(), batch.next_hist.double()
+    z_now, z_nxt = encode_windows(now, nxt, hist, batch.hist_len, nhist, batch.next_hist_len)
+    for enc, z in zip(nxt, z_nxt, strict=True):
+        torch.testing.assert_close(z, _reference(enc, nhist, batch.next_hist_len).detach())
+    g = torch.randn(len(batch), 5, dtype=torch.float64)
+    for enc, z in zip(now, z_now, strict=True):
+        ref = _reference(enc, hist, batch.hist_len)
+        torch.testing.assert_close(z, ref.detach())
+        (z * g).sum().backward()
+        mine = [p.grad.clone() for p in enc.gru.parameters()]
+        enc.zero_grad()
+        (ref * g).sum().backward()
+        for a, b in zip(mine, [p.grad for p in enc.gru.parameters()], strict=True):
+            torch.testing.assert_close(a, b)

@@ -1,0 +1,120 @@
+"""MultiTaskReplay: windows equal a slow per-sample reference, FIFO by episode, task filters, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from mql_ros.core.context import context_entries
+from mql_ros.core.episode import Episode
+from mql_ros.core.errors import InputError
+from mql_ros.core.replay import Batch, MultiTaskReplay, episodes_to_batch
+
+torch.set_num_threads(1)
+OBS, ACT, H = 3, 2, 4
+
+
+def _episode(rng, steps, task, terminated=False):
+    return Episode(task, rng.normal(size=(steps + 1, OBS)), rng.uniform(-1, 1, (steps, ACT)),
+                   rng.normal(size=steps), terminated)
+
+
+def _reference_window(ep, t):
+    entries = context_entries(ep)
+    win = np.zeros((H, ACT + 1 + OBS), dtype=np.float32)
+    rows = entries[max(0, t - H):t]
+    win[: len(rows)] = rows
+    return win, len(rows)
+
+
+def _find(episodes, obs, act):
+    for ep in episodes:
+        for t in range(len(ep)):
+            if np.array_equal(ep.observations[t], obs) and np.array_equal(ep.actions[t], act):
+                return ep, t
+    raise AssertionError("sampled transition is not in any stored episode")
+
+
+def _check_rows(batch: Batch, episodes, store):
+    for i in range(len(batch)):
+        ep, t = _find(episodes, batch.obs[i].numpy(), batch.actions[i].numpy())
+        win, n = _reference_window(ep, t)
+        nwin, nn = _reference_window(ep, t + 1)
+        np.testing.assert_array_equal(batch.hist[i].numpy(), win)
+        np.testing.assert_array_equal(batch.next_hist[i].numpy(), nwin)
+        assert (batch.hist_len[i], batch.next_hist_len[i]) == (n, nn)
+        np.testing.assert_array_equal(batch.next_obs[i].numpy(), ep.observations[t + 1])
+        assert batch.rewards[i, 0] == ep.rewards[t]
+        assert batch.not_done[i, 0] == (0.0 if ep.terminated and t == len(ep) - 1 else 1.0)
+        assert store.task_ids()[batch.task_index[i]] == ep.task_id
+
+
+def test_sampled_windows_match_slow_reference_across_ring_wraparound():
+    rng = np.random.default_rng(0)
+    store = MultiTaskReplay(H, capacity=40)
+    episodes = [_episode(rng, int(rng.integers(1, 12)), f"task{i % 3}", terminated=bool(i % 2))
+                for i in range(15)]
+    for ep in episodes:
+        store.add_episode(ep)
+    kept = episodes[-len(store._episodes):]
+    assert store.num_transitions() == sum(len(e) for e in kept) <= 40
+    _check_rows(store.sample(64, rng), kept, store)
+
+
+def test_fifo_eviction_drops_whole_oldest_episodes():
+    rng = np.random.default_rng(1)
+    store = MultiTaskReplay(H, capacity=10)
+    for i, steps in enumerate([4, 4, 4]):
+        store.add_episode(_episode(rng, steps, f"task{i}"))
+    assert store.num_transitions("task0") == 0 and store.num_transitions() == 8
+    assert store.task_ids() == ["task0", "task1", "task2"]
+
+
+def test_sample_restricted_to_tasks_and_recent_returns_latest_transitions():
+    rng = np.random.default_rng(2)
+    store = MultiTaskReplay(H)
+    eps = [_episode(rng, 5, "a"), _episode(rng, 5, "b"), _episode(rng, 5, "a")]
+    for e in eps:
+        store.add_episode(e)
+    b = store.sample(50, rng, task_ids=["b"])
+    assert set(b.task_index.tolist()) == {1}
+    recent = store.recent("a", 7)
+    expected = np.concatenate([eps[0].observations[3:5], eps[2].observations[:5]])
+    np.testing.assert_array_equal(recent.obs.numpy(), expected)
+    _check_rows(recent, eps, store)
+    with pytest.raises(InputError, match="no task 'zzz'"):
+        store.sample(4, rng, task_ids=["zzz"])
+
+
+def test_episodes_to_batch_holds_every_transition_in_order():
+    rng = np.random.default_rng(3)
+    eps = [_episode(rng, 3, "x"), _episode(rng, 6, "y")]
+    b = episodes_to_batch(eps, H)
+    assert len(b) == 9
+    np.testing.assert_array_equal(b.actions.numpy(), np.concatenate([e.actions for e in eps]))
+    assert b.task_index.tolist() == [0] * 3 + [1] * 6
+
+
+def test_replay_rejects_wrong_dims_and_nan():
+    rng = np.random.default_rng(4)
+    store = MultiTaskReplay(H)
+    store.add_episode(_episode(rng, 3, "a"))
+    with pytest.raises(InputError, match="obs_dim=4"):
+        store.add_episode(Episode("b", np.zeros((4, OBS + 1)), np.zeros((3, ACT)), np.zeros(3)))
+    with pytest.raises(InputError, match="NaN"):
+        Episode("c", np.full((4, OBS), np.nan), np.zeros((3, ACT)), np.zeros(3))
+    ep = _episode(rng, 3, "d")
+    ep.observations[1, 0] = np.nan  # arrays are mutable after validation: the replay checks again
+    with pytest.raises(InputError, match="NaN"):
+        store.add_episode(ep)
+    assert store.num_transitions() == 3 and store.task_ids() == ["a"]
+    with pytest.raises(InputError, match="capacity"):
+        MultiTaskReplay(H, capacity=2).add_episode(_episode(rng, 3, "e"))
+
+
+def test_batch_concat_and_subset_keep_rows():
+    rng = np.random.default_rng(5)
+    b1 = episodes_to_batch([_episode(rng, 3, "a")], H)
+    b2 = episodes_to_batch([_episode(rng, 2, "b")], H + 2)
+    both = Batch.concat([b1, b2])
+    assert len(both) == 5 and both.hist.shape[1] == H + 2
+    torch.testing.assert_close(both.subset([3, 4]).obs, b2.obs)

@@ -1,0 +1,210 @@
+"""The policy node against a probe that plays the robot: exact commands, holding, hot swaps, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rosgraph_helpers import diagnostic_values  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Float32MultiArray, Float64MultiArray, String  # noqa: E402
+from std_srvs.srv import SetBool  # noqa: E402
+
+from mql_ros.core.robot import RobotSpec  # noqa: E402
+from mql_ros.core.runtime import DeployedPolicy  # noqa: E402
+from mql_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS  # noqa: E402
+
+pytestmark = pytest.mark.ros
+ROBOT = RobotSpec.from_urdf()
+ARM_Q = np.array([0.1, -0.2, 0.3, -0.4])
+GRIP_Q = np.array([0.01, 0.01])
+
+
+class FakeRobot:
+    """Publishes arm/gripper state and a context from the test process, at a steady rate in a thread."""
+
+    def __init__(self, probe, context_dim: int):
+        node = probe.node
+        self.arm_pub = node.create_publisher(JointState, "joint_states", 10)
+        self.grip_pub = node.create_publisher(JointState, "gripper/joint_states", 10)
+        self.ctx_pub = node.create_publisher(Float32MultiArray, "mql/context", 10)
+        self.context = np.linspace(-0.5, 0.5, context_dim).astype(np.float32)
+        self.arm_q = ARM_Q.copy()
+        self.names = list(ROBOT.arm_joints)
+        self.running = True
+        self.timer = node.create_timer(0.02, self.publish)
+
+    def publish(self) -> None:
+        if not self.running:
+            return
+        # Joints deliberately in reversed order: the node must match them by name.
+        arm = JointState(name=self.names[::-1], position=self.arm_q[::-1].tolist(), velocity=[0.0] * 4)
+        grip = JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(), velocity=[0.0, 0.0])
+        self.arm_pub.publish(arm)
+        self.grip_pub.publish(grip)
+        self.ctx_pub.publish(Float32MultiArray(data=self.context.tolist()))
+
+
+def start_policy(ros_graph, checkpoint, **params):
+    probe = ros_graph.probe
+    probe.subscribe(Float64MultiArray, "arm_controller/commands", RELIABLE_QOS)
+    probe.subscribe(Float64MultiArray, "gripper_controller/commands", RELIABLE_QOS)
+    probe.subscribe(DiagnosticArray, "/diagnostics", 10)
+    ros_graph.start("policy", checkpoint=str(checkpoint), **params)
+    return probe
+
+
+def expected_commands(policy: DeployedPolicy, context: np.ndarray, arm_q=ARM_Q) -> np.ndarray:
+    obs = ROBOT.observation(arm_q, np.zeros(4), GRIP_Q, np.zeros(2))
+    arm, grip = ROBOT.action_to_commands(policy.act(obs, context))
+    return np.concatenate([arm, grip])
+
+
+def latest_command(probe) -> np.ndarray | None:
+    arm, grip = probe.received("arm_controller/commands"), probe.received("gripper_controller/commands")
+    if not arm or not grip:
+        return None
+    return np.concatenate([arm[-1].data, grip[-1].data])
+
+
+def wait_command(probe, want: np.ndarray, timeout: float, what: str, atol: float = 1e-5) -> np.ndarray:
+    """Wait until the latest arm + gripper command equals `want`; return it."""
+    def matches() -> bool:
+        c = latest_command(probe)
+        return c is not None and np.allclose(c, want, atol=atol)
+
+    probe.wait_for(matches, timeout, f"{what} ({want})")
+    return latest_command(probe)
+
+
+def test_policy_commands_equal_the_actor_output_for_name_matched_state(ros_graph, tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    want = expected_commands(policy, robot.context)
+    got = wait_command(probe, want, 30.0, "commands equal to the actor output", atol=1e-5)
+    assert np.all(got >= ROBOT.command_lower) and np.all(got <= ROBOT.command_upper)
+    # Holding (the last measured positions) differs from acting, so the check above is meaningful.
+    assert not np.allclose(want, np.concatenate([ARM_Q, GRIP_Q[:1]]), atol=1e-3)
+
+
+def test_policy_holds_last_positions_after_a_nan_state_and_recovers(ros_graph, tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    wait_command(probe, act, 30.0, "the policy acting", atol=1e-5)
+    robot.arm_q = np.array([0.1, np.nan, 0.3, -0.4])
+    wait_command(probe, hold, 5.0, "hold commands at the last valid positions after a NaN state", atol=1e-9)
+    assert all(np.all(np.isfinite(m.data)) for m in probe.received("arm_controller/commands"))
+    probe.wait_for(lambda: any(int(d.get("rejected_joint_state", 0)) > 0
+                               for d in diagnostic_values(probe, "policy")),
+                   5.0, "a rejection on /diagnostics")
+    robot.arm_q = ARM_Q.copy()
+    wait_command(probe, act, 5.0, "the policy acting again once the state is valid", atol=1e-5)
+
+
+def test_policy_holds_within_state_timeout_when_state_stops(ros_graph, tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, state_timeout=0.2)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    wait_command(probe, act, 30.0, "the policy acting", atol=1e-5)
+    robot.running = False
+    stopped = time.monotonic()
+    wait_command(probe, hold, 5.0, "hold commands after the state stopped", atol=1e-9)
+    first_hold = next(t for t, m in probe.stamped("arm_controller/commands")
+                      if t > stopped and np.allclose(m.data, ARM_Q, atol=1e-9))
+    # state_timeout plus one control period plus delivery slack on a loaded 2-core machine
+    assert first_hold - stopped < 0.2 + 0.02 + 0.3
+
+
+def test_policy_hold_service_stops_acting_until_released(ros_graph, tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    assert probe.call(SetBool, "mql/hold", SetBool.Request(data=True)).success
+    wait_command(probe, hold, 30.0, "hold commands while /mql/hold is on", atol=1e-9)
+    assert probe.call(SetBool, "mql/hold", SetBool.Request(data=False)).success
+    wait_command(probe, act, 5.0, "the policy acting after /mql/hold false", atol=1e-5)
+
+
+def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    probe.wait_for(lambda: any("no joint state yet" in d["_message"]
+                               for d in diagnostic_values(probe, "policy")),
+                   30.0, "the policy reporting it has no state")
+    assert probe.received("arm_controller/commands") == []
+
+
+def test_policy_refuses_bad_or_mismatched_checkpoints_and_loads_a_valid_one(ros_graph, tiny_checkpoint,
+                                                                            tmp_path):
+    from mql_ros.core.checkpoint import save_checkpoint
+    from mql_ros.core.config import load_config
+    from mql_ros.core.td3 import TD3Context
+
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    wait_command(probe, act, 30.0, "the policy acting", atol=1e-5)
+    update_pub = probe.node.create_publisher(String, "mql/policy_update", LATCHED_QOS)
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    other_cfg = load_config(overrides={"hidden_sizes": [32, 32], "context_dim": 4, "history_len": 50})
+    other = tmp_path / "other_context.pt"
+    other_sha = save_checkpoint(other, TD3Context(other_cfg, ROBOT.obs_dim, ROBOT.act_dim, seed=1),
+                                "arm_reach", ROBOT)
+    good_cfg = load_config(overrides={"hidden_sizes": [32, 32], "context_dim": 8, "history_len": 50})
+    good = tmp_path / "good.pt"
+    good_sha = save_checkpoint(good, TD3Context(good_cfg, ROBOT.obs_dim, ROBOT.act_dim, seed=7),
+                               "arm_reach", ROBOT)
+    bad_updates = [{"path": str(corrupt), "sha256": hashlib.sha256(corrupt.read_bytes()).hexdigest()},
+                   {"path": str(other), "sha256": other_sha},  # context size differs from the running one
+                   {"path": str(good), "sha256": "0" * 64},  # hash does not match the file
+                   {"path": str(tmp_path / "missing.pt"), "sha256": good_sha}]
+    for i, update in enumerate(bad_updates, start=1):
+        update_pub.publish(String(data=json.dumps(update)))
+        probe.wait_for(lambda n=i: any(int(d.get("rejected_policy_update", 0)) >= n
+                                       for d in diagnostic_values(probe, "policy")),
+                       10.0, f"refusal of bad update {update}")
+    sha_now = diagnostic_values(probe, "policy")[-1]["checkpoint_sha256"]
+    assert sha_now == policy.sha256
+    wait_command(probe, act, 5.0, "the old policy still acting after the refusals", atol=1e-5)
+
+    update_pub.publish(String(data=json.dumps({"path": str(good), "sha256": good_sha})))
+    new_act = expected_commands(DeployedPolicy.from_checkpoint(good, ROBOT), robot.context)
+    wait_command(probe, new_act, 10.0, "commands of the new checkpoint", atol=1e-5)
+    probe.wait_for(lambda: diagnostic_values(probe, "policy")[-1]["checkpoint_sha256"] == good_sha, 5.0,
+                   "the new checkpoint hash on /diagnostics")
+
+
+def test_policy_refuses_out_of_range_parameter_at_start(ros_graph, tiny_checkpoint):
+    proc = ros_graph.start("policy", checkpoint=str(tiny_checkpoint), control_rate=5000.0)
+    assert proc.proc.wait(60) == 2
+    log = proc.log()
+    assert "control_rate" in log and "1000" in log, log
+
+
+def test_policy_velocity_mode_commands_bounded_velocities_and_zero_when_holding(ros_graph, tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, command_mode="velocity",
+                         max_velocity=0.5)
+    robot = FakeRobot(probe, policy.context_dim)
+    targets = expected_commands(policy, robot.context)
+    want = np.clip((targets - np.concatenate([ARM_Q, GRIP_Q[:1]])) * 50.0, -0.5, 0.5)
+    wait_command(probe, want, 30.0, "velocities toward the actor's targets")
+    assert probe.call(SetBool, "mql/hold", SetBool.Request(data=True)).success
+    wait_command(probe, np.zeros(5), 5.0, "zero velocities while holding", atol=0.0)

@@ -1,0 +1,117 @@
+"""Built-in arm families: fixed seeded splits that are disjoint, an ood split outside the training range,
+JSON-able tasks, every target within reach, and a target-aware controller that actually reaches it."""
+
+import json
+
+import mujoco
+import numpy as np
+import pytest
+
+from mql_ros.core.tasks import TaskFamily, resolve_family
+from mql_ros.sim.arm import ArmEnv, check_task
+from mql_ros.sim.families import ArmPayloadFamily, ArmReachFamily
+
+FAMILIES = [ArmReachFamily, ArmPayloadFamily]
+
+
+def _key(task: dict) -> str:
+    return json.dumps(task, sort_keys=True)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_splits_are_the_same_on_every_call_and_seed_dependent(cls):
+    a, b = cls(), cls()
+    for split in ("train_tasks", "test_tasks", "ood_tasks"):
+        assert getattr(a, split)() == getattr(b, split)() == getattr(a, split)()
+    assert cls(seed=1).train_tasks() != a.train_tasks()
+    assert (len(a.train_tasks()), len(a.test_tasks()), len(a.ood_tasks())) == (40, 10, 10)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_splits_are_disjoint(cls):
+    f = cls()
+    keys = [{_key(t) for t in getattr(f, s)()} for s in ("train_tasks", "test_tasks", "ood_tasks")]
+    assert sum(map(len, keys)) == len(set().union(*keys)) == 60
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_returned_tasks_are_copies(cls):
+    f = cls()
+    tasks = f.train_tasks()
+    tasks[0]["target"][0] = 99.0
+    assert f.train_tasks()[0]["target"][0] != 99.0
+
+
+def test_reach_ood_targets_lie_outside_the_training_region():
+    f = ArmReachFamily()
+
+    def polar(tasks):
+        t = np.array([task["target"] for task in tasks])
+        return np.arctan2(t[:, 1], t[:, 0]), np.linalg.norm(t[:, :2], axis=1)
+
+    yaw, radius = polar(f.train_tasks() + f.test_tasks())
+    ood_yaw, ood_radius = polar(f.ood_tasks())
+    assert np.all(np.abs(yaw) <= ArmReachFamily.YAW[1]) and np.all(radius <= ArmReachFamily.RADIUS[1])
+    assert np.all(np.abs(ood_yaw) > np.abs(yaw).max()) and np.all(ood_radius > radius.max())
+
+
+def test_payload_ood_is_heavier_and_more_damped_than_training():
+    f = ArmPayloadFamily()
+    train = f.train_tasks() + f.test_tasks()
+    for key in ("payload_mass", "damping_scale"):
+        assert min(t[key] for t in f.ood_tasks()) > max(t[key] for t in train)
+    assert len({t["payload_mass"] for t in train}) == len(train)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_family_satisfies_the_protocol_and_builds_envs_for_its_tasks(cls):
+    f = resolve_family(cls.name)
+    assert isinstance(f, cls) and isinstance(f, TaskFamily)
+    task = f.test_tasks()[0]
+    env = f.make_env(task)
+    assert isinstance(env, ArmEnv) and env.task == check_task(task) and env.episode_steps == 50
+    assert json.loads(json.dumps(task)) == task
+
+
+def _reachable_joint_targets(env: ArmEnv, targets: np.ndarray, samples: int = 20000) -> np.ndarray:
+    """Crude inverse kinematics by sampling joint configurations (forward kinematics only)."""
+    rng = np.random.default_rng(0)
+    lo, hi = env.robot.command_lower[:-1], env.robot.command_upper[:-1]
+    q = rng.uniform(lo, hi, (samples, env.robot.n_arm))
+    tool = np.empty((samples, 3))
+    qpos_index = [env.model.joint(j).qposadr[0] for j in env.robot.arm_joints]
+    for i in range(samples):
+        env.data.qpos[qpos_index] = q[i]
+        mujoco.mj_kinematics(env.model, env.data)
+        tool[i] = env.data.xpos[env.model.body("tool0").id]
+    best = np.argmin(np.linalg.norm(tool[None] - targets[:, None], axis=2), axis=1)
+    assert np.all(np.linalg.norm(tool[best] - targets, axis=1) < 0.04)
+    return q[best]
+
+
+def test_every_reach_target_is_within_reach_and_a_target_aware_controller_gets_there():
+    f = ArmReachFamily()
+    tasks = f.train_tasks() + f.test_tasks() + f.ood_tasks()
+    env = f.make_env(tasks[0])
+    joint_targets = _reachable_joint_targets(env, np.array([t["target"] for t in tasks]))
+    for i in (0, 45, 55):  # one train, one test, one ood task: track the IK solution for an episode
+        env.set_task(tasks[i])
+        env.reset(seed=i)
+        action = env.robot.commands_to_action(joint_targets[i], [0.0])
+        rewards = [env.step(action)[1] for _ in range(env.episode_steps)]
+        assert rewards[-1] > -0.05 and rewards[-1] > rewards[0] + 0.1
+
+
+def test_payload_tasks_need_different_actions_for_the_same_target():
+    f = ArmPayloadFamily()
+    tasks = sorted(f.train_tasks(), key=lambda t: t["payload_mass"])
+    env = f.make_env(tasks[0])
+    joint_target = _reachable_joint_targets(env, np.array([tasks[0]["target"]]))[0]
+    action = env.robot.commands_to_action(joint_target, [0.0])
+    final = {}
+    for name, task in (("light", tasks[0]), ("heavy", tasks[-1]), ("ood", f.ood_tasks()[0])):
+        env.set_task(task)
+        env.reset(seed=0)
+        final[name] = [env.step(action)[1] for _ in range(env.episode_steps)][-1]
+    # rewards are -distance in metres: the payload alone moves the tool several centimetres off target
+    assert final["light"] > max(final["heavy"], final["ood"]) + 0.03
