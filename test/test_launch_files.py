@@ -70,7 +70,7 @@ def test_mql_executables_named_by_launch_files_are_installed(launch_file):
 def test_parameters_set_by_launch_files_are_declared_by_the_nodes(launch_file):
     for executable, keys in mql_node_calls(ast.parse(launch_file.read_text())):
         undeclared = keys - declared_parameters(executable) - BUILTIN_PARAMETERS
-        assert not undeclared, f"{launch_file.name} sets {sorted(undeclared)} on {executable}, which does not declare them"
+        assert not undeclared, f"{launch_file.name} sets {sorted(undeclared)} on {executable}, undeclared there"
 
 
 def test_files_named_by_launch_files_exist(launch_file):

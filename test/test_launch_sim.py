@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-launch_testing = pytest.importorskip("launch_testing")
+pytest.importorskip("launch_testing")
 pytest.importorskip("launch_ros")
 
 import launch  # noqa: E402
@@ -65,7 +65,7 @@ class TestGraphClosesTheLoop(unittest.TestCase):
         self.assertGreaterEqual(len(commands), 10)
         for msg in commands:
             self.assertEqual(len(msg.data), robot.n_arm)
-            for value, lo, hi in zip(msg.data, robot.arm_lower, robot.arm_upper):
+            for value, lo, hi in zip(msg.data, robot.arm_lower, robot.arm_upper, strict=True):
                 self.assertTrue(lo - 1e-9 <= value <= hi + 1e-9, (value, lo, hi))
 
 

@@ -69,7 +69,7 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     lo_t, hi_t = t_cmd[0] + 1.0, t_cmd[-1]
     n_cmd = np.sum((t_cmd > lo_t) & (t_cmd <= hi_t))
     in_window = t_ctx[(t_ctx > lo_t) & (t_ctx <= hi_t)]
-    assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd)
+    assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd, ros_graph.logs())
     assert np.max(np.diff(in_window)) < 0.25, "a gap of several control periods without a context"
     # The context is reset to zeros at every episode start, and is not zero once steps were pushed.
     assert any(np.allclose(m.data, 0.0) for _, m in contexts)

@@ -1,0 +1,328 @@
+"""`mql-ros`: meta-train, evaluate, adapt, inspect archives and run the demo (../shared/INTERFACES.md).
+
+Exit status: 0 on success, 2 for bad arguments or input (one-line reason on stderr), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mql_ros.core.errors import MQLError
+
+SPLITS = ("train", "test", "ood")
+
+
+def _family_arg(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--family", required=required,
+                        help="built-in family (arm_reach, arm_payload, point_goal) or package.module:attribute")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mql-ros", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train TD3-context on a task family's train tasks")
+    _family_arg(p, required=True)
+    p.add_argument("--steps", type=int, required=True, help="environment steps")
+    p.add_argument("--out", required=True, help="checkpoint file to write (a learning-curve PNG goes beside it)")
+    p.add_argument("--archive", help="also record every episode into this rosbag2 archive directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML with MQLConfig keys (see config/mql_train.yaml)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="zero-shot (and, with --adapt, MQL-adapted) returns on a split")
+    p.add_argument("--checkpoint", required=True)
+    _family_arg(p, required=False)
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--episodes", type=int, default=3, help="evaluation episodes per task")
+    p.add_argument("--tasks", type=int, default=0, help="evaluate only the first N tasks of the split (0: all)")
+    p.add_argument("--adapt", action="store_true", help="also adapt to each task with MQL and evaluate")
+    p.add_argument("--finetune", action="store_true", help="also evaluate naive fine-tuning on the same data")
+    p.add_argument("--new-steps", type=int, default=0, help="new-task transitions to collect (0: one episode)")
+    p.add_argument("--archive", help="archive of meta-training data (default: a snapshot rolled out anew)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = sub.add_parser("adapt", help="adapt a checkpoint to a new task and write the adapted checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--archive", required=True, help="archive directory of the meta-training data")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bags", nargs="+", help="recorded bags of the new task (offline adaptation)")
+    src.add_argument("--task-index", type=int, help="collect the new-task data in simulation (with --family)")
+    _family_arg(p, required=False)
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--task-id", help="task id for bags that carry no /mql/episode topic")
+    p.add_argument("--out", required=True, help="adapted checkpoint to write (report .txt/.png beside it)")
+    p.add_argument("--new-steps", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("archive", help="inspect a replay archive")
+    p.add_argument("action", choices=("info", "verify", "export"))
+    p.add_argument("dir")
+    p.add_argument("--out", help="export: .npz file to write")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="adapt the shipped checkpoint to held-out tasks; compare with fine-tuning")
+    p.add_argument("--checkpoint", help="default: the shipped checkpoints/arm_reach.pt")
+    p.add_argument("--tasks", type=int, default=5, help="held-out tasks to adapt to")
+    p.add_argument("--episodes", type=int, default=3, help="evaluation episodes per task and method")
+    p.add_argument("--out", default="runs/demo", help="directory for the plot and the JSON results")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MQLError as e:
+        print(f"mql-ros {args.command}: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"mql-ros {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mql-ros {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 -- the contract: anything unexpected is exit 1 with a reason
+        print(f"mql-ros {args.command}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_train(args) -> int:
+    from mql_ros import plots
+    from mql_ros.core.checkpoint import save_checkpoint
+    from mql_ros.core.config import load_config
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import resolve_family
+    from mql_ros.core.training import meta_train
+
+    _threads(args.threads)
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(args.config)
+    family = resolve_family(args.family)
+    recorder = _archive_writer(args.archive, family) if args.archive else None
+    try:
+        agent, curve = meta_train(family, cfg, args.steps, seed=args.seed, progress=not args.no_progress,
+                                  on_episode=recorder.add if recorder else None)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    robot = _family_robot(family)
+    out = Path(args.out)
+    sha = save_checkpoint(out, agent, args.family, robot,
+                          extra={"curve": curve, "steps": args.steps, "seed": args.seed,
+                                 "command": "mql-ros " + " ".join(sys.argv[1:])})
+    png = plots.learning_curve(curve, out.with_suffix(".png"), f"meta-training on {family.name}")
+    print(f"wrote {out} (sha256 {sha[:12]}), learning curve {png}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mql_ros.core.tasks import resolve_family, split_tasks
+    from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
+
+    agent, ckpt = _load_agent(args.checkpoint)
+    family = resolve_family(args.family or ckpt.family)
+    tasks = split_tasks(family, args.split)
+    tasks = tasks[: args.tasks] if args.tasks > 0 else tasks
+    result: dict = {"split": args.split, "family": family.name, "checkpoint": args.checkpoint,
+                    "episodes": args.episodes}
+    zero = evaluate(agent, family, tasks, episodes=args.episodes, seed=args.seed)
+    result["zero_shot"] = {"mean": float(np.mean(zero)), "per_task": zero}
+    print(f"zero-shot   {args.split}: mean return {np.mean(zero):8.2f} over {len(tasks)} tasks")
+    if args.adapt or args.finetune:
+        cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
+        archive = _load_or_roll_archive(args.archive, agent, family, args.seed)
+        if args.adapt:
+            ret, reports = evaluate_adapted(agent, family, tasks, archive, cfg, episodes=args.episodes,
+                                            seed=args.seed, split=args.split)
+            result["adapted"] = {"mean": float(np.mean(ret)), "per_task": ret,
+                                 "ess": [r.ess for r in reports],
+                                 "proximal_lambda": [r.proximal_lambda for r in reports]}
+            print(f"MQL adapted {args.split}: mean return {np.mean(ret):8.2f}")
+        if args.finetune:
+            ret, _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg), episodes=args.episodes,
+                                      seed=args.seed, split=args.split)
+            result["finetuned"] = {"mean": float(np.mean(ret)), "per_task": ret}
+            print(f"fine-tuned  {args.split}: mean return {np.mean(ret):8.2f}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from mql_ros import plots
+    from mql_ros.core.adaptation import adapt
+    from mql_ros.core.checkpoint import save_checkpoint
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
+    from mql_ros.core.training import collect_new_task_data
+
+    agent, ckpt = _load_agent(args.checkpoint)
+    cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
+    archive = _archive_replay(args.archive, agent, ckpt.robot)
+    if args.bags:
+        from mql_ros.archive import load_episodes
+
+        new = load_episodes(args.bags, robot=ckpt.robot, task_id=args.task_id)
+        source = f"bags {' '.join(args.bags)}"
+    else:
+        family = resolve_family(args.family or ckpt.family)
+        tasks = split_tasks(family, args.split)
+        if not 0 <= args.task_index < len(tasks):
+            raise InputError(f"--task-index {args.task_index} is outside the {args.split} split (0..{len(tasks) - 1})")
+        name = task_id(family, args.split, args.task_index)
+        env = make_checked_env(family, tasks[args.task_index], name)
+        new = collect_new_task_data(agent, env, cfg.new_steps, np.random.default_rng(args.seed), name)
+        source = name
+    if not new:
+        raise InputError(f"no new-task transitions in {source}")
+    report = adapt(agent, new, archive, cfg, seed=args.seed)
+    out = Path(args.out)
+    sha = save_checkpoint(out, agent, ckpt.family, ckpt.robot,
+                          extra={"adapted_from": ckpt.sha256, "source": source, "report": report.to_dict()})
+    lines = [f"adapted {args.checkpoint} -> {out} (sha256 {sha[:12]})", f"new-task data: {source}",
+             f"new transitions: {report.n_new}, archived transitions: {report.n_archive}",
+             f"propensity accuracy: {report.propensity_accuracy:.3f}",
+             f"normalized ESS: {report.ess:.4f}", f"proximal lambda: {report.proximal_lambda:.4f}"]
+    if report.weight_histogram:
+        edges, counts = report.weight_histogram
+        lines.append("weight histogram: " + ", ".join(f"[{a:.2f},{b:.2f}): {c}"
+                                                      for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)))
+        plots.weight_histogram(edges, counts, out.with_suffix(".weights.png"), f"propensity weights ({source})")
+    text = "\n".join(lines)
+    out.with_suffix(".report.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from mql_ros import archive
+
+    if args.action == "info":
+        info = archive.archive_info(args.dir)
+        print(json.dumps(info, indent=None if args.json else 2, default=str))
+        return 0
+    if args.action == "verify":
+        report = archive.verify_archive(args.dir)
+        print(report.summary() if hasattr(report, "summary") else report)
+        return 0 if report.ok else 2
+    if not args.out:
+        print("mql-ros archive export: --out FILE.npz is required", file=sys.stderr)
+        return 2
+    path = archive.export_archive(args.dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mql_ros import plots
+    from mql_ros.core.paths import share_file
+    from mql_ros.core.tasks import resolve_family, split_tasks, task_id
+    from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
+
+    start = time.perf_counter()
+    checkpoint = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
+    agent, ckpt = _load_agent(checkpoint)
+    family = resolve_family(ckpt.family)
+    tasks = split_tasks(family, "test")[: args.tasks]
+    names = [task_id(family, "test", i) for i in range(len(tasks))]
+    print(f"checkpoint {checkpoint} (family {family.name}, sha256 {ckpt.sha256[:12]})")
+    print(f"held-out tasks: {len(tasks)}; new-task data: one episode per task; {args.episodes} evaluation "
+          "episodes per task and method")
+    archive = _load_or_roll_archive(None, agent, family, args.seed)
+    cfg = agent.cfg.adapt
+    results = {"zero-shot": evaluate(agent, family, tasks, episodes=args.episodes, seed=args.seed)}
+    results["MQL"], reports = evaluate_adapted(agent, family, tasks, archive, cfg, episodes=args.episodes,
+                                               seed=args.seed)
+    results["fine-tuning"], _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg),
+                                                 episodes=args.episodes, seed=args.seed)
+    print(f"\n{'task':<22}" + "".join(f"{m:>13}" for m in results) + f"{'ESS':>8}{'lambda':>8}")
+    for i, name in enumerate(names):
+        print(f"{name:<22}" + "".join(f"{results[m][i]:13.2f}" for m in results)
+              + f"{reports[i].ess:8.3f}{reports[i].proximal_lambda:8.3f}")
+    print(f"{'mean':<22}" + "".join(f"{np.mean(v):13.2f}" for v in results.values()))
+    out = Path(args.out)
+    png = plots.returns_by_method(results, names, out / "demo_returns.png",
+                                  f"{family.name}: returns before and after adaptation (one episode of data)")
+    (out / "demo_results.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "demo_results.json").write_text(json.dumps(
+        {"checkpoint": checkpoint, "tasks": names, "returns": results,
+         "reports": [r.to_dict() | {"losses": None} for r in reports]}, indent=1))
+    print(f"\nplot: {png}\nresults: {out / 'demo_results.json'}\n"
+          f"finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _load_agent(path: str):
+    from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return agent_from_checkpoint(ckpt), ckpt
+
+
+def _with_new_steps(cfg, new_steps: int):
+    from dataclasses import replace
+
+    from mql_ros.core.errors import InputError
+
+    if new_steps < 0:
+        raise InputError(f"--new-steps must be >= 0, got {new_steps}")
+    return replace(cfg, new_steps=new_steps) if new_steps else cfg
+
+
+def _archive_replay(directory: str, agent, robot):
+    """The archived meta-training data, as a replay the adaptation can reweight."""
+    from mql_ros.archive import load_episodes
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.replay import MultiTaskReplay
+
+    episodes = load_episodes(directory, robot=robot)
+    if not episodes:
+        raise InputError(f"archive {directory} holds no episodes")
+    replay = MultiTaskReplay(agent.cfg.history_len, agent.cfg.replay_size)
+    for e in episodes:
+        replay.add_episode(e)
+    return replay
+
+
+def _family_robot(family):
+    return getattr(family.make_env(family.train_tasks()[0]).unwrapped, "robot", None)
+
+
+def _load_or_roll_archive(directory: str | None, agent, family, seed: int):
+    """The archive if given; otherwise per-task snapshots rolled out anew with the meta policy
+    (see mql_ros.core.snapshots)."""
+    if directory:
+        return _archive_replay(directory, agent, _family_robot(family))
+    from mql_ros.core.snapshots import rollout_snapshots
+
+    return rollout_snapshots(agent, family, episodes_per_task=4, seed=seed)
+
+
+def _archive_writer(directory: str, family):
+    from mql_ros.archive import EpisodeArchiveWriter
+
+    return EpisodeArchiveWriter(directory, robot=_family_robot(family), family=family.name)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "archive": cmd_archive, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
