@@ -39,8 +39,8 @@ def ros_graph(ros_domain, tmp_path):
             self.nodes: dict[str, NodeProcess] = {}
             self.probe = Probe(ros_domain, logs=self.logs)
 
-        def start(self, node: str, name: str | None = None, **params) -> NodeProcess:
-            proc = NodeProcess(node, params, ros_domain, tmp_path, name)
+        def start(self, node: str, name: str | None = None, params_files=(), **params) -> NodeProcess:
+            proc = NodeProcess(node, params, ros_domain, tmp_path, name, params_files)
             self.nodes[proc.name] = proc
             return proc
 

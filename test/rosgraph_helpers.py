@@ -30,9 +30,13 @@ def ros_env(domain_id: int) -> dict[str, str]:
 
 
 def node_command(node: str) -> list[str]:
-    """The installed executable (`ros2 run` layout) when the package is installed, else the source module."""
+    """The installed executable (`ros2 run` layout) when this process runs the installed package too, else
+    the source tree's module: the nodes always run the same code as the test."""
+    import mql_ros
+
     exe = INSTALLED_LIB / node
-    if exe.is_file() and os.access(exe, os.X_OK):
+    installed = Path(mql_ros.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())
+    if installed and exe.is_file() and os.access(exe, os.X_OK):
         return [sys.executable, str(exe)]
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
             f"from mql_ros.nodes.{node} import main; sys.exit(main())"]
@@ -41,14 +45,19 @@ def node_command(node: str) -> list[str]:
 class NodeProcess:
     """One node in its own process group, with its output in a log file."""
 
-    def __init__(self, node: str, params: dict, domain_id: int, workdir: Path, name: str | None = None):
+    def __init__(self, node: str, params: dict, domain_id: int, workdir: Path, name: str | None = None,
+                 params_files: tuple[Path, ...] = ()):
         self.node = node
         self.name = name or node
-        params_file = workdir / f"{self.name}.params.yaml"
-        params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
         self.log_path = workdir / f"{self.name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        cmd = node_command(node) + ["--ros-args", "--params-file", str(params_file)]
+        cmd = node_command(node) + ["--ros-args"]
+        for f in params_files:
+            cmd += ["--params-file", str(f)]
+        if params:
+            params_file = workdir / f"{self.name}.params.yaml"
+            params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+            cmd += ["--params-file", str(params_file)]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=ros_env(domain_id),
                                      cwd=workdir, start_new_session=True)
 

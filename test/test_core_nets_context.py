@@ -81,6 +81,15 @@ def test_packed_gru_matches_torch_gru_values_and_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_a_batch_of_only_empty_windows_gives_zero_contexts_and_trains():
+    agent = TD3Context(MQLConfig(history_len=4, hidden_sizes=(8,), context_dim=3), OBS, ACT)
+    eps = [Episode("t", np.ones((2, OBS)), np.zeros((1, ACT)), np.ones(1)) for _ in range(3)]
+    batch = episodes_to_batch(eps, 4)
+    assert torch.all(agent.contexts(batch.hist, batch.hist_len) == 0)
+    for _ in range(2):
+        assert np.isfinite(agent.update(batch)["critic_loss"])
+
+
 def test_packed_windows_put_longest_windows_first():
     lens = torch.tensor([2, 0, 3, 1])
     p = PackedWindows.of(torch.zeros(4, 3, 2), lens)

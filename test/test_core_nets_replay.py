@@ -26,17 +26,11 @@ def _reference_window(ep, t):
     return win, len(rows)
 
 
-def _find(episodes, obs, act):
-    for ep in episodes:
-        for t in range(len(ep)):
-            if np.array_equal(ep.observations[t], obs) and np.array_equal(ep.actions[t], act):
-                return ep, t
-    raise AssertionError("sampled transition is not in any stored episode")
-
-
 def _check_rows(batch: Batch, episodes, store):
+    where = {(ep.observations[t].tobytes(), ep.actions[t].tobytes()): (ep, t)
+             for ep in episodes for t in range(len(ep))}
     for i in range(len(batch)):
-        ep, t = _find(episodes, batch.obs[i].numpy(), batch.actions[i].numpy())
+        ep, t = where[(batch.obs[i].numpy().tobytes(), batch.actions[i].numpy().tobytes())]
         win, n = _reference_window(ep, t)
         nwin, nn = _reference_window(ep, t + 1)
         np.testing.assert_array_equal(batch.hist[i].numpy(), win)
@@ -58,6 +52,18 @@ def test_sampled_windows_match_slow_reference_across_ring_wraparound():
     kept = episodes[-len(store._episodes):]
     assert store.num_transitions() == sum(len(e) for e in kept) <= 40
     _check_rows(store.sample(64, rng), kept, store)
+
+
+def test_arrays_grow_with_the_data_and_wrap_only_at_capacity():
+    rng = np.random.default_rng(6)
+    store = MultiTaskReplay(H, capacity=3000)
+    episodes = [_episode(rng, 150, f"task{i % 4}") for i in range(25)]
+    store.add_episode(episodes[0])
+    assert store._entries.shape[0] == 1024  # not the full capacity up front
+    for ep in episodes[1:]:
+        store.add_episode(ep)
+    assert store._entries.shape[0] == 3000 and store.num_transitions() == 3000
+    _check_rows(store.sample(64, rng), episodes[-20:], store)
 
 
 def test_fifo_eviction_drops_whole_oldest_episodes():

@@ -62,3 +62,19 @@ def test_out_of_range_parameter_is_refused_with_its_range(ros_context):
 def test_unknown_choice_is_refused_with_the_choices(ros_context):
     with pytest.raises(ConfigError, match=r"command_mode.*'position', 'velocity'"):
         make_node("policy", ros_context, [Parameter("command_mode", value="torque")])
+
+
+def test_nodes_run_with_nothing_but_the_shipped_config(ros_graph):
+    from std_msgs.msg import Float64MultiArray
+
+    from mql_ros.core.paths import share_dir
+    from mql_ros.nodes.common import RELIABLE_QOS
+
+    if not (share_dir() / "checkpoints" / "arm_reach.pt").is_file():
+        pytest.skip("no shipped checkpoint yet (checkpoints/arm_reach.pt)")
+    probe = ros_graph.probe
+    probe.subscribe(Float64MultiArray, "arm_controller/commands", RELIABLE_QOS)
+    for node in ("sim_arm", "context_encoder", "policy", "adaptation"):
+        ros_graph.start(node, params_files=(CONFIG,))
+    probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 25, 120.0, "commands flowing")
+    assert all(p.proc.poll() is None for p in ros_graph.nodes.values()), ros_graph.logs()

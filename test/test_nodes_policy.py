@@ -95,7 +95,7 @@ def test_policy_commands_equal_the_actor_output_for_name_matched_state(ros_graph
     assert not np.allclose(want, np.concatenate([ARM_Q, GRIP_Q[:1]]), atol=1e-3)
 
 
-def test_policy_holds_last_positions_after_a_nan_state_and_recovers(ros_graph, tiny_checkpoint):
+def test_policy_holds_last_positions_after_a_nan_or_misnamed_state_and_recovers(ros_graph, tiny_checkpoint):
     policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
     robot = FakeRobot(probe, policy.context_dim)
@@ -110,6 +110,10 @@ def test_policy_holds_last_positions_after_a_nan_state_and_recovers(ros_graph, t
                    5.0, "a rejection on /diagnostics")
     robot.arm_q = ARM_Q.copy()
     wait_command(probe, act, 5.0, "the policy acting again once the state is valid", atol=1e-5)
+    robot.names = ["base_yaw_joint", "shoulder_pitch_joint", "elbow_pitch_joint", "wrist_roll_joint"]
+    wait_command(probe, hold, 5.0, "hold commands while a joint name is unknown", atol=1e-9)
+    robot.names = list(ROBOT.arm_joints)
+    wait_command(probe, act, 5.0, "the policy acting again with the right names", atol=1e-5)
 
 
 def test_policy_holds_within_state_timeout_when_state_stops(ros_graph, tiny_checkpoint):
@@ -208,3 +212,11 @@ def test_policy_velocity_mode_commands_bounded_velocities_and_zero_when_holding(
     wait_command(probe, want, 30.0, "velocities toward the actor's targets")
     assert probe.call(SetBool, "mql/hold", SetBool.Request(data=True)).success
     wait_command(probe, np.zeros(5), 5.0, "zero velocities while holding", atol=0.0)
+
+
+def test_policy_with_a_corrupt_checkpoint_exits_2_naming_the_file(ros_graph, tmp_path):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(b"\x80\x02 truncated")
+    proc = ros_graph.start("policy", checkpoint=str(bad))
+    assert proc.proc.wait(60) == 2
+    assert "truncated.pt" in proc.log()

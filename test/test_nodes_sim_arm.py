@@ -41,8 +41,10 @@ def test_sim_publishes_named_state_reward_and_episode_events_at_sim_rate(ros_gra
     probe = ros_graph.probe
     watch_sim(probe)
     ros_graph.start("sim_arm", sim_rate=50.0, episode_steps=10)
-    probe.wait_for(lambda: sum(e["event"] == "end" for e in events(probe)) >= 2, 60.0,
-                   "two complete episodes")
+    probe.wait_for(lambda: probe.received("joint_states"), 60.0, "joint states")
+    ends = lambda: sum(e["event"] == "end" for e in events(probe))  # noqa: E731
+    seen = ends()
+    probe.wait_for(lambda: ends() >= seen + 2, 30.0, "two more complete episodes")
     states = probe.stamped("joint_states")
     assert all(list(m.name) == list(ROBOT.arm_joints) and len(m.velocity) == ROBOT.n_arm for _, m in states)
     assert all(list(m.name) == list(ROBOT.gripper_joints) for m in probe.received("gripper/joint_states"))

@@ -47,6 +47,7 @@ class AdaptationReport:
     n_new: int  # new-task transitions
     n_archive: int  # archived transitions of the training tasks that adaptation could draw on
     losses: list[dict] = field(default_factory=list)  # one dict per TD3 iteration, with its phase
+    task_weights: dict[str, float] = field(default_factory=dict)  # mean weight of each train task's snapshot
     n_negatives: int = 0  # archived transitions used as the propensity model's class B
     propensity_accuracy: float = float("nan")  # training accuracy of the propensity model
     mean_archive_weight: float = float("nan")  # over all archive samples of the weighted iterations
@@ -85,23 +86,24 @@ def _check_new_episodes(agent: TD3Context, new_episodes: Sequence[Episode]) -> N
 
 def _fit_propensity(agent: TD3Context, new: Batch, archive: ReplayStore, train_ids: list[str],
                     cfg: AdaptConfig, rng: np.random.Generator
-                    ) -> tuple[LogisticModel, np.ndarray, int, float]:
+                    ) -> tuple[LogisticModel, dict[str, np.ndarray], int, float]:
     """Steps 3-4: class A = every new transition, class B = |new| / n_train + 2 transitions from each
     training task's snapshot (its latest snapshot_per_task transitions). Returns the model, the weights of
-    the whole snapshot (for the ESS), the number of negatives and the training accuracy."""
+    each task's whole snapshot (for the ESS and the report), the number of negatives and the training
+    accuracy."""
     x_new = _features(agent, new, cfg.propensity_features)
     per_task = len(new) // len(train_ids) + 2
-    snapshot, negatives = [], []
+    snapshot, negatives = {}, []
     for tid in train_ids:
         x = _features(agent, archive.recent(tid, cfg.snapshot_per_task), cfg.propensity_features)
-        snapshot.append(x)
+        snapshot[tid] = x
         negatives.append(x[rng.choice(x.shape[0], size=min(per_task, x.shape[0]), replace=False)])
     x_neg = np.concatenate(negatives)
     X = np.concatenate([x_neg, x_new])
     y = np.concatenate([np.ones(len(x_neg)), np.zeros(len(x_new))])  # y = 1: the "archive" class
     model = fit_logistic(X, y, C=cfg.propensity_C)
     accuracy = float(np.mean((model.logit(X) > 0) == (y == 1)))
-    weights = odds_weights(model, np.concatenate(snapshot), cfg.beta_clip, cfg.min_weight)
+    weights = {tid: odds_weights(model, x, cfg.beta_clip, cfg.min_weight) for tid, x in snapshot.items()}
     return model, weights, len(x_neg), accuracy
 
 
@@ -124,10 +126,13 @@ def adapt(agent: TD3Context, new_episodes: Sequence[Episode], archive: ReplaySto
     n_archive = sum(archive.num_transitions(t) for t in train_ids) if train_ids else 0
 
     model, ess, hist, n_neg, acc = None, ESS_FALLBACK, (), 0, float("nan")
+    task_weights: dict[str, float] = {}
     if train_ids and cfg.use_propensity:
-        model, snap_weights, n_neg, acc = _fit_propensity(agent, new, archive, train_ids, cfg, rng)
+        model, per_task, n_neg, acc = _fit_propensity(agent, new, archive, train_ids, cfg, rng)
+        snap_weights = np.concatenate(list(per_task.values()))
         ess = normalized_ess(snap_weights)
         hist = weight_histogram(snap_weights)
+        task_weights = {tid: float(w.mean()) for tid, w in per_task.items()}
     elif train_ids:
         ess = 1.0  # every archived transition weighs 1
     lam = proximal_coefficient(ess, cfg)
@@ -157,12 +162,14 @@ def adapt(agent: TD3Context, new_episodes: Sequence[Episode], archive: ReplaySto
             info = agent.update(batch, weights, proximal_lambda=lam, anchor=anchor)
         else:
             info = agent.update(new_rows(), None, proximal_lambda=lam, anchor=anchor)
-        losses.append({"phase": "archive" if train_ids else "new+prox", **info})
+        phase = "archive" if train_ids else ("new+prox" if lam > 0 else "new")
+        losses.append({"phase": phase, **info})
 
     all_w = np.concatenate(archive_weights) if archive_weights else np.zeros(0)
     return AdaptationReport(
         ess=float(ess), proximal_lambda=float(lam), weight_histogram=hist, n_new=len(new),
-        n_archive=n_archive, losses=losses, n_negatives=n_neg, propensity_accuracy=acc,
+        n_archive=n_archive, losses=losses, task_weights=task_weights, n_negatives=n_neg,
+        propensity_accuracy=acc,
         mean_archive_weight=float(all_w.mean()) if all_w.size else float("nan"),
         zero_weight_fraction=float(np.mean(all_w == 0)) if all_w.size else float("nan"),
         seconds=time.perf_counter() - start, config=cfg.to_dict())
@@ -189,16 +196,16 @@ def bellman_score(agent: TD3Context, batch: Batch) -> float:
     consistency with the new task's rewards and dynamics under the policy it would deploy. An update that
     diverged (exploding Q or a broken actor) makes it much worse.
     """
-    gamma = agent.cfg.gamma
-    nets = agent.nets
+    critic, actor = agent.nets["critic"], agent.nets["actor"]
     with torch.no_grad():
-        use_ctx = agent.cfg.use_context
-        z_c = nets["critic_encoder"](batch.hist, batch.hist_len) if use_ctx else None
-        zn_c = nets["critic_encoder"](batch.next_hist, batch.next_hist_len) if use_ctx else None
-        zn_a = nets["actor_encoder"](batch.next_hist, batch.next_hist_len) if use_ctx else None
-        q, _ = nets["critic"](batch.obs, batch.actions, z_c)
-        qn, _ = nets["critic"](batch.next_obs, nets["actor"](batch.next_obs, zn_a), zn_c)
-        residual = q - (batch.rewards + gamma * batch.not_done * qn)
+        z_c = zn_c = None
+        if agent.cfg.use_context:
+            z_c = agent.nets["critic_encoder"](batch.hist, batch.hist_len)
+            zn_c = agent.nets["critic_encoder"](batch.next_hist, batch.next_hist_len)
+        zn_a = agent.contexts(batch.next_hist, batch.next_hist_len) if agent.cfg.use_context else None
+        q = critic.q1(batch.obs, batch.actions, z_c)
+        qn = critic.q1(batch.next_obs, actor(batch.next_obs, zn_a), zn_c)
+        residual = q - (batch.rewards + agent.cfg.gamma * batch.not_done * qn)
     return -float(residual.pow(2).mean())
 
 

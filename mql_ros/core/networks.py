@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ class PackedWindows:
     counts: list[int]  # live rows at each step
     offsets: list[int]  # where step t's rows start in the packed arrays
     x: Tensor  # (sum(counts), E) the real entries, step-major
-    x_np: np.ndarray  # the same memory as numpy
     batch: int
 
     @classmethod
@@ -36,13 +36,10 @@ class PackedWindows:
         order = torch.argsort(lengths, descending=True, stable=True)
         longest = int(lengths.max()) if lengths.numel() else 0
         counts = torch.bincount(lengths, minlength=longest + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
-        offsets = [0]
-        for n in counts[:-1]:
-            offsets.append(offsets[-1] + n)
+        offsets = list(accumulate(counts[:-1], initial=0)) if counts else []
         steps = hist[order, :longest].transpose(0, 1)  # (L, B, E)
         live = torch.arange(hist.shape[0]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
-        x = steps[live].detach().contiguous()
-        return cls(order, counts, offsets, x, x.numpy(), int(hist.shape[0]))
+        return cls(order, counts, offsets, steps[live].detach().contiguous(), int(hist.shape[0]))
 
 
 def _sigmoid_(a: np.ndarray) -> np.ndarray:

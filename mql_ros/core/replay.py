@@ -104,14 +104,26 @@ class MultiTaskReplay:
         self._size = 0
 
     def _allocate(self, obs_dim: int, act_dim: int) -> None:
-        n = self.capacity
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        self._entries = np.zeros((n, entry_dim(obs_dim, act_dim)), dtype=np.float32)
-        self._next_obs = np.zeros((n, obs_dim), dtype=np.float32)
-        self._not_done = np.ones(n, dtype=np.float32)
-        self._ep_start = np.zeros(n, dtype=np.int64)  # ring slot of the episode's step 0
-        self._step = np.zeros(n, dtype=np.int64)  # t within the episode
-        self._task = np.zeros(n, dtype=np.int64)
+        self._entries = np.zeros((0, entry_dim(obs_dim, act_dim)), dtype=np.float32)
+        self._next_obs = np.zeros((0, obs_dim), dtype=np.float32)
+        self._not_done = np.ones(0, dtype=np.float32)
+        self._ep_start = np.zeros(0, dtype=np.int64)  # ring slot of the episode's step 0
+        self._step = np.zeros(0, dtype=np.int64)  # t within the episode
+        self._task = np.zeros(0, dtype=np.int64)
+
+    def _reserve(self, n: int) -> None:
+        """Grow the arrays (doubling, at most to capacity) so a small replay never holds a full-size
+        allocation; the ring wraps only once they have reached capacity."""
+        have = self._entries.shape[0]
+        if n <= have:
+            return
+        size = min(self.capacity, max(n, 2 * have, 1024))
+        for name in ("_entries", "_next_obs", "_not_done", "_ep_start", "_step", "_task"):
+            old = getattr(self, name)
+            grown = np.zeros((size, *old.shape[1:]), dtype=old.dtype)
+            grown[:have] = old
+            setattr(self, name, grown)
 
     def add_episode(self, episode: Episode) -> None:
         """Store every transition of `episode`, evicting the oldest whole episodes to make room."""
@@ -132,6 +144,8 @@ class MultiTaskReplay:
         for name in ("observations", "actions", "rewards"):
             if not np.all(np.isfinite(getattr(episode, name))):
                 raise InputError(f"episode {episode.task_id!r}: {name} contain NaN or inf")
+        wraps = self._oldest != 0 or self._size + t > self.capacity
+        self._reserve(self.capacity if wraps else self._size + t)
         while self._size + t > self.capacity:
             self._evict_oldest()
         task = self._task_index.get(episode.task_id)

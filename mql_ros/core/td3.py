@@ -2,7 +2,8 @@
 
 As in the authors' code, the actor and the critic each own a GRU encoder trained by their own loss, and
 each has a polyak-averaged target copy. Separate encoders keep the actor's context (the one deployed and
-used as propensity features) free of critic-loss gradients. The same update serves MQL adaptation: per-
+used as propensity features) free of critic-loss gradients; `shared_encoder` instead trains one GRU by
+the critic loss and gives the actor its context detached. The same update serves MQL adaptation: per-
 sample weights multiply the critic and actor losses, and a proximal term lambda * ||theta - anchor||^2
 keeps the parameters near the meta-trained ones.
 
@@ -86,7 +87,8 @@ class TD3Context:
         self.actor_opt.load_state_dict(d["actor_opt"])
         self.critic_opt.load_state_dict(d["critic_opt"])
         self.updates = int(d["updates"])
-        self._noise.set_state(d["noise_rng"])
+        if "noise_rng" in d:  # not a weight: states saved without it keep the current stream
+            self._noise.set_state(d["noise_rng"])
 
     @property
     def actor_encoder(self) -> ContextEncoder | None:

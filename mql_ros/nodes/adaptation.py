@@ -22,7 +22,6 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from mql_ros.archive import ArchiveRecorder, load_episodes
 from mql_ros.core.adaptation import adapt, validate_update
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save_checkpoint
 from mql_ros.core.config import load_config
@@ -41,6 +40,7 @@ from mql_ros.nodes.common import (
     RELIABLE_QOS,
     REWARD,
     SENSOR_QOS,
+    CommandPair,
     Diagnostics,
     checkpoint_path,
     declare,
@@ -81,11 +81,15 @@ class AdaptationNode(Node):
         self.builder = TransitionBuilder(self.robot)
         self.task_id = ""
         self.new_episodes: list[Episode] = []
-        self._arm_cmd: tuple[int, np.ndarray] | None = None
+        self._commands = CommandPair()
         self._worker: threading.Thread | None = None
         self._replay: MultiTaskReplay | None = None
         self._runs = 0
-        self.recorder = ArchiveRecorder(self.archive_dir, self.robot) if self.archive_dir else None
+        self.recorder = None
+        if self.archive_dir:  # imported only when used: a node without recording needs no bag libraries
+            from mql_ros.archive import ArchiveRecorder
+
+            self.recorder = ArchiveRecorder(self.archive_dir, self.robot)
         self.diag = Diagnostics(self)
         self.diag.values.update({"state": "idle", "new_transitions": 0, "current_sha256": self.current_sha})
 
@@ -116,7 +120,7 @@ class AdaptationNode(Node):
         try:
             with self._lock:
                 return feed()
-        except InputError as exc:
+        except (MQLError, ValueError) as exc:
             self.diag.reject(what, str(exc))
             return None
 
@@ -139,22 +143,17 @@ class AdaptationNode(Node):
         self._feed("reward", lambda: self.recorder.record_reward(t, r), lambda: self.builder.on_reward(t, r))
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
-        t, values = self._stamp(), np.asarray(msg.data, dtype=np.float64)
-        if self.recorder is not None:
-            self._feed("arm_command",
-                       lambda: self.recorder.record_command("/arm_controller/commands", t, values),
-                       lambda: None)
-        with self._lock:
-            self._arm_cmd = (t, values)
+        self._on_command("arm", "/arm_controller/commands", msg)
 
     def _on_gripper_command(self, msg: Float64MultiArray) -> None:
-        """The policy publishes the arm command, then the gripper command: the pair is one control step."""
+        self._on_command("gripper", "/gripper_controller/commands", msg)
+
+    def _on_command(self, which: str, topic: str, msg: Float64MultiArray) -> None:
         t, values = self._stamp(), np.asarray(msg.data, dtype=np.float64)
         with self._lock:
-            arm, self._arm_cmd = self._arm_cmd, None
-        self._feed("command",
-                   lambda: self.recorder.record_command("/gripper_controller/commands", t, values),
-                   lambda: None if arm is None else self.builder.on_command(arm[0], arm[1], values))
+            step = self._commands.add(which, t, values)
+        self._feed("command", lambda: self.recorder.record_command(topic, t, values),
+                   lambda: None if step is None else self.builder.on_command(*step))
 
     def _on_episode(self, msg: String) -> None:
         t = self._stamp()
@@ -233,6 +232,8 @@ class AdaptationNode(Node):
         if not self.replay_dir:
             return None
         if self._replay is None:
+            from mql_ros.archive import load_episodes
+
             replay = MultiTaskReplay(self.meta.config.history_len)
             for episode in load_episodes(self.replay_dir, self.robot):
                 replay.add_episode(episode)

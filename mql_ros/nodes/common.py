@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -116,6 +117,32 @@ def decode_joint_state(spec: RobotSpec, msg: JointState, joints: tuple[str, ...]
     return pos, vel
 
 
+class CommandPair:
+    """Joins the arm and gripper command topics into one control step, whichever arrives first.
+
+    The policy publishes both once per tick, but DDS does not order messages across topics, so a step is
+    complete when one of each has arrived; its stamp is the earlier arrival. A repeated arm (or gripper)
+    command before its partner replaces the pending one (its partner was lost).
+    """
+
+    def __init__(self) -> None:
+        self._arm: tuple[int, np.ndarray] | None = None
+        self._grip: tuple[int, np.ndarray] | None = None
+
+    def add(self, which: str, stamp: int, values) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Add an 'arm' or 'gripper' command; return (stamp, arm, gripper) when the step is complete."""
+        entry = (stamp, np.asarray(values, dtype=np.float64))
+        if which == "arm":
+            self._arm = entry
+        else:
+            self._grip = entry
+        if self._arm is None or self._grip is None:
+            return None
+        (t_arm, arm), (t_grip, grip) = self._arm, self._grip
+        self._arm = self._grip = None
+        return min(t_arm, t_grip), arm, grip
+
+
 class Diagnostics:
     """Publishes one DiagnosticStatus for the node on /diagnostics at about 1 Hz.
 
@@ -131,6 +158,7 @@ class Diagnostics:
         self.values: dict[str, object] = {}
         self.rejected: dict[str, int] = {}
         self.last_rejection = ""
+        self._last_publish = 0.0
         self._timer = node.create_timer(period, self.publish)
 
     def ok(self, message: str) -> None:
@@ -147,7 +175,8 @@ class Diagnostics:
         self.rejected[what] = self.rejected.get(what, 0) + 1
         self.last_rejection = f"{what}: {reason}"
         self._node.get_logger().warning(f"rejected {self.last_rejection}", throttle_duration_sec=1.0)
-        self.publish()
+        if time.monotonic() - self._last_publish > 0.1:  # report at once, but a flood stays at 10 Hz
+            self.publish()
 
     def publish(self) -> None:
         status = DiagnosticStatus(level=self.level, name=self._node.get_fully_qualified_name(),
@@ -158,6 +187,7 @@ class Diagnostics:
             items["last_rejection"] = self.last_rejection
         status.values = [KeyValue(key=str(k), value=v if isinstance(v, str) else json.dumps(v))
                          for k, v in items.items()]
+        self._last_publish = time.monotonic()
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self._node.get_clock().now().to_msg()
         self._pub.publish(msg)

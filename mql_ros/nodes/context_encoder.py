@@ -19,7 +19,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float32MultiArray, Float64, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from mql_ros.core.errors import CheckpointError, InputError
+from mql_ros.core.errors import CheckpointError, InputError, MQLError
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.nodes.common import (
@@ -34,6 +34,7 @@ from mql_ros.nodes.common import (
     RELIABLE_QOS,
     REWARD,
     SENSOR_QOS,
+    CommandPair,
     Diagnostics,
     checkpoint_path,
     declare,
@@ -53,7 +54,7 @@ class ContextEncoderNode(Node):
         self.encoder = self.policy.new_context()
         self.builder = TransitionBuilder(self.robot)
         self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
-        self._arm_cmd: tuple[int, np.ndarray] | None = None
+        self._commands = CommandPair()
         self._published = 0
         self.diag = Diagnostics(self)
         self.diag.values["checkpoint_sha256"] = self.policy.sha256
@@ -76,7 +77,7 @@ class ContextEncoderNode(Node):
         try:
             with self._lock:
                 return feed()
-        except InputError as exc:
+        except (MQLError, ValueError) as exc:  # malformed input: reported, never fatal
             self.diag.reject(what, str(exc))
             return None
 
@@ -105,18 +106,17 @@ class ContextEncoderNode(Node):
             self.reset(f"episode start ({event.get('task_id', '?')})")
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
-        with self._lock:
-            self._arm_cmd = (self._stamp(), np.asarray(msg.data, dtype=np.float64))
+        self._on_command("arm", msg)
 
     def _on_gripper_command(self, msg: Float64MultiArray) -> None:
-        """The policy publishes the arm command, then the gripper command: the pair is one control step."""
+        self._on_command("gripper", msg)
+
+    def _on_command(self, which: str, msg: Float64MultiArray) -> None:
         with self._lock:
-            arm, self._arm_cmd = self._arm_cmd, None
-        if arm is None:
-            self.diag.reject("gripper_command", "no arm command before it")
+            step = self._commands.add(which, self._stamp(), msg.data)
+        if step is None:
             return
-        transition = self._guard("command", lambda: self.builder.on_command(
-            arm[0], arm[1], np.asarray(msg.data, dtype=np.float64)))
+        transition = self._guard("command", lambda: self.builder.on_command(*step))
         if transition is not None:
             self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward))
 

@@ -83,7 +83,8 @@ class PointGoalFamily:
         else:
             angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
             directions = np.stack([np.cos(angle), np.sin(angle)], axis=1)
-        return [{"goal": [round(float(v), 6) for v in r * d]} for r, d in zip(radius, directions, strict=True)]
+        goals = [r * d for r, d in zip(radius, directions, strict=True)]
+        return [{"goal": [round(float(v), 6) for v in g]} for g in goals]
 
     def train_tasks(self) -> list[dict]:
         return [dict(t) for t in self._splits["train"]]

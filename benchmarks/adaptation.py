@@ -1,0 +1,119 @@
+"""How much of the zero-shot-to-oracle gap does MQL close with at most one episode of new-task data?
+
+For each held-out (test) and out-of-distribution (ood) task of a family, and for each seed:
+  zero-shot    the meta-trained policy, context inferred online, no update
+  MQL          collect one episode with the meta policy, then propensity-weighted adaptation
+               against the meta-training snapshot (mql_ros.core.adaptation.adapt, the config's defaults)
+  fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
+  oracle       a per-task policy trained with abundant data of that task alone: from the meta weights,
+               --oracle-episodes episodes (with exploration noise) and --oracle-updates TD3 updates
+gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means.
+
+The seed changes the new-task episode's and the evaluation episodes' initial states, the snapshot rollouts
+and the update sampling; the meta-trained checkpoint is the same for every seed (one meta-training run).
+
+    python benchmarks/adaptation.py [--checkpoint checkpoints/arm_reach.pt] [--seeds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
+from mql_ros.core.paths import share_file
+from mql_ros.core.replay import MultiTaskReplay
+from mql_ros.core.snapshots import rollout_snapshots
+from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
+from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config, rollout
+
+METHODS = ("zero-shot", "MQL", "fine-tuning", "oracle")
+
+
+def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates, seed) -> list[float]:
+    """Per task: train from the meta weights on abundant data of that task alone, then evaluate."""
+    rng = np.random.default_rng(seed)
+    meta = agent.snapshot()
+    out = []
+    try:
+        for i, task in enumerate(tasks):
+            name = task_id(family, split, i)
+            env = make_checked_env(family, task, name)
+            replay = MultiTaskReplay(agent.cfg.history_len, agent.cfg.replay_size)
+            for e in rollout(env, agent, episodes=n_episodes, noise=agent.cfg.expl_noise, rng=rng, task_id=name):
+                replay.add_episode(e)
+            for _ in range(n_updates):
+                agent.update(replay.sample(agent.cfg.batch_size, rng))
+            eps = rollout(env, agent, episodes=episodes, rng=rng, task_id=name)
+            out.append(float(np.mean([e.rewards.sum() for e in eps])))
+            agent.restore(meta)
+    finally:
+        agent.restore(meta)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--splits", nargs="+", default=["test", "ood"])
+    parser.add_argument("--tasks", type=int, default=0, help="first N tasks of each split (0: all)")
+    parser.add_argument("--episodes", type=int, default=3, help="evaluation episodes per task")
+    parser.add_argument("--oracle-episodes", type=int, default=20)
+    parser.add_argument("--oracle-updates", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    path = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
+    ckpt = load_checkpoint(path)
+    agent = agent_from_checkpoint(ckpt)
+    family = resolve_family(ckpt.family)
+    cfg = agent.cfg.adapt
+    start = time.perf_counter()
+    table: dict = {}
+    for split in args.splits:
+        tasks = split_tasks(family, split)
+        tasks = tasks[: args.tasks] if args.tasks else tasks
+        per_seed = {m: [] for m in METHODS}
+        for seed in range(args.seeds):
+            snapshot = rollout_snapshots(agent, family, episodes_per_task=4, seed=seed)
+            per_seed["zero-shot"].append(np.mean(evaluate(agent, family, tasks, args.episodes, seed=seed)))
+            mql, _ = evaluate_adapted(agent, family, tasks, snapshot, cfg, args.episodes, seed=seed, split=split)
+            per_seed["MQL"].append(np.mean(mql))
+            ft, _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg), args.episodes, seed=seed,
+                                     split=split)
+            per_seed["fine-tuning"].append(np.mean(ft))
+            per_seed["oracle"].append(np.mean(oracle_returns(agent, family, tasks, split, args.episodes,
+                                                             args.oracle_episodes, args.oracle_updates, seed)))
+            print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "
+                  + ", ".join(f"{m} {per_seed[m][-1]:.2f}" for m in METHODS), flush=True)
+        means = {m: float(np.mean(v)) for m, v in per_seed.items()}
+        gap = means["oracle"] - means["zero-shot"]
+        table[split] = {
+            "tasks": len(tasks), "seeds": args.seeds,
+            "mean": means, "std_over_seeds": {m: float(np.std(v)) for m, v in per_seed.items()},
+            "gap_closed": {m: (means[m] - means["zero-shot"]) / gap if abs(gap) > 1e-9 else float("nan")
+                           for m in ("MQL", "fine-tuning")},
+        }
+    print(f"\ncheckpoint {path} ({family.name}); {args.seeds} seeds; {args.episodes} eval episodes per task; "
+          f"adaptation {cfg.new_task_iters}+{cfg.archive_iters} iterations; "
+          f"oracle {args.oracle_episodes} episodes / {args.oracle_updates} updates per task")
+    print(f"| split | tasks | {' | '.join(METHODS)} | gap closed: MQL | gap closed: fine-tuning |")
+    print("|---|---|" + "---|" * (len(METHODS) + 2))
+    for split, row in table.items():
+        cells = [f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS]
+        print(f"| {split} | {row['tasks']} | {' | '.join(cells)} | {row['gap_closed']['MQL']:.2f} | "
+              f"{row['gap_closed']['fine-tuning']:.2f} |")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        print(json.dumps(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The shared node plumbing without processes: command pairing and JointState decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from sensor_msgs.msg import JointState  # noqa: E402
+
+from mql_ros.core.errors import InputError  # noqa: E402
+from mql_ros.core.robot import RobotSpec  # noqa: E402
+from mql_ros.nodes.common import CommandPair, decode_joint_state  # noqa: E402
+
+ROBOT = RobotSpec.from_urdf()
+
+
+@pytest.mark.parametrize("first", ["arm", "gripper"])
+def test_command_pair_completes_a_step_whichever_topic_arrives_first(first):
+    pair = CommandPair()
+    second = "gripper" if first == "arm" else "arm"
+    values = {"arm": [0.1, 0.2, 0.3, 0.4], "gripper": [0.02]}
+    assert pair.add(first, 10, values[first]) is None
+    stamp, arm, grip = pair.add(second, 12, values[second])
+    assert stamp == 10 and arm.tolist() == values["arm"] and grip.tolist() == values["gripper"]
+    assert pair.add("arm", 20, values["arm"]) is None  # the pair was consumed: a new step starts
+
+
+def test_command_pair_replaces_a_pending_command_whose_partner_was_lost():
+    pair = CommandPair()
+    pair.add("arm", 1, [0.0] * 4)
+    pair.add("arm", 2, [0.5] * 4)
+    stamp, arm, _ = pair.add("gripper", 3, [0.01])
+    assert stamp == 2 and np.allclose(arm, 0.5)
+
+
+def test_decode_joint_state_matches_by_name_not_index():
+    names = list(ROBOT.arm_joints)[::-1] + ["some_other_joint"]
+    msg = JointState(name=names, position=[4.0, 3.0, 2.0, 1.0, 9.0], velocity=[0.4, 0.3, 0.2, 0.1, 9.0])
+    pos, vel = decode_joint_state(ROBOT, msg, ROBOT.arm_joints, "joint state")
+    assert pos.tolist() == [1.0, 2.0, 3.0, 4.0] and vel.tolist() == [0.1, 0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("nan", "NaN"), ("missing", "missing joints"), ("no_velocity", "no velocities"), ("short", "names but"),
+    ("duplicate", "duplicated")])
+def test_decode_joint_state_rejects_bad_messages_naming_the_problem(case, match):
+    names, pos, vel = list(ROBOT.arm_joints), [0.0] * 4, [0.0] * 4
+    if case == "nan":
+        pos[2] = float("nan")
+    elif case == "missing":
+        names[0] = "unknown_joint"
+    elif case == "no_velocity":
+        vel = []
+    elif case == "short":
+        pos = pos[:3]
+    else:
+        names[1] = names[0]
+    with pytest.raises(InputError, match=match):
+        decode_joint_state(ROBOT, JointState(name=names, position=pos, velocity=vel), ROBOT.arm_joints, "state")
