@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint file to write (a learning-curve PNG goes beside it)")
     p.add_argument("--archive", help="also record every episode into this rosbag2 archive directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="YAML with MQLConfig keys (see config/mql_train.yaml)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--config", help="YAML with MQLConfig keys (e.g. config/arm_reach_train.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("eval", help="zero-shot (and, with --adapt, MQL-adapted) returns on a split")
@@ -52,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="adapt a checkpoint to a new task and write the adapted checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--archive", required=True, help="archive directory of the meta-training data")
+    p.add_argument("--archive", help="archive directory of the meta-training data (default: per-task snapshots "
+                                     "rolled out anew with the meta policy on the family's train tasks)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bags", nargs="+", help="recorded bags of the new task (offline adaptation)")
     src.add_argument("--task-index", type=int, help="collect the new-task data in simulation (with --family)")
@@ -75,12 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=3, help="evaluation episodes per task and method")
     p.add_argument("--out", default="runs/demo", help="directory for the plot and the JSON results")
     p.add_argument("--seed", type=int, default=0)
+    for p in sub.choices.values():
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads; more help only on an idle machine (on a loaded 2-core one, 2 threads "
+                            "ran the update 15x slower than 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _threads(args.threads)
         return COMMANDS[args.command](args)
     except MQLError as e:
         print(f"mql-ros {args.command}: {e}", file=sys.stderr)
@@ -104,7 +109,6 @@ def cmd_train(args) -> int:
     from mql_ros.core.tasks import resolve_family
     from mql_ros.core.training import meta_train
 
-    _threads(args.threads)
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     cfg = load_config(args.config)
@@ -169,14 +173,15 @@ def cmd_adapt(args) -> int:
 
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
-    archive = _archive_replay(args.archive, agent, ckpt.robot)
+    family = resolve_family(args.family or ckpt.family)
+    archive = (_archive_replay(args.archive, agent, ckpt.robot) if args.archive
+               else _load_or_roll_archive(None, agent, family, args.seed))
     if args.bags:
         from mql_ros.archive import load_episodes
 
         new = load_episodes(args.bags, robot=ckpt.robot, task_id=args.task_id)
         source = f"bags {' '.join(args.bags)}"
     else:
-        family = resolve_family(args.family or ckpt.family)
         tasks = split_tasks(family, args.split)
         if not 0 <= args.task_index < len(tasks):
             raise InputError(f"--task-index {args.task_index} is outside the {args.split} split (0..{len(tasks) - 1})")
@@ -264,10 +269,13 @@ def cmd_demo(args) -> int:
 
 
 def _threads(n: int) -> None:
-    if n > 0:
-        import torch
+    from mql_ros.core.errors import InputError
 
-        torch.set_num_threads(n)
+    if n < 1:
+        raise InputError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _load_agent(path: str):

@@ -1,0 +1,86 @@
+"""`mql-ros` end to end on the tiny point family: train, eval --json, adapt, and its exit statuses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "start_steps: 150\nhistory_len: 20\nhidden_sizes: [32, 32]\nbatch_size: 32\n"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mql_ros.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli")
+    (out / "tiny.yaml").write_text(TINY)
+    ckpt = out / "point.pt"
+    r = run_cli("train", "--family", "point_goal", "--steps", "300", "--config", str(out / "tiny.yaml"),
+                "--out", str(ckpt), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return ckpt
+
+
+def test_train_writes_a_checkpoint_and_a_learning_curve_png(tiny_checkpoint):
+    assert tiny_checkpoint.stat().st_size > 0
+    png = tiny_checkpoint.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_json_last_line_has_the_contract_keys(tiny_checkpoint):
+    r = run_cli("eval", "--checkpoint", str(tiny_checkpoint), "--tasks", "2", "--episodes", "1", "--adapt",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["split"] == "test"
+    for key in ("zero_shot", "adapted"):
+        assert len(result[key]["per_task"]) == 2
+        assert result[key]["mean"] == pytest.approx(sum(result[key]["per_task"]) / 2)
+
+
+def test_adapt_without_archive_uses_rolled_out_snapshots_and_writes_checkpoint_and_report(tiny_checkpoint, tmp_path):
+    from mql_ros.core.checkpoint import load_checkpoint
+
+    out = tmp_path / "adapted.pt"
+    r = run_cli("adapt", "--checkpoint", str(tiny_checkpoint), "--family", "point_goal", "--task-index", "0",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "normalized ESS" in r.stdout
+    adapted = load_checkpoint(out)
+    assert adapted.extra["adapted_from"] == load_checkpoint(tiny_checkpoint).sha256
+    assert out.with_suffix(".report.txt").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "--family", "no_such_family", "--steps", "10", "--out", "x.pt"), "unknown task family"),
+    (("train", "--family", "point_goal", "--steps", "0", "--out", "x.pt"), "--steps"),
+    (("eval", "--checkpoint", "missing.pt"), "missing.pt"),
+    (("eval", "--checkpoint", "x.pt", "--split", "nope"), "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_one_line_reason(args, message, tmp_path):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_unknown_config_key_is_exit_2_naming_the_key(tmp_path):
+    (tmp_path / "bad.yaml").write_text("histroy_len: 10\n")
+    r = run_cli("train", "--family", "point_goal", "--steps", "10", "--config", "bad.yaml", "--out", "x.pt",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "histroy_len" in r.stderr
+
+
+def test_corrupt_checkpoint_is_exit_2(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    r = run_cli("eval", "--checkpoint", "bad.pt", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "bad.pt" in r.stderr
