@@ -33,7 +33,6 @@ setup(
     maintainer_email="maintainers@mql-ros.invalid",
     description="Meta-Q-learning (MQL) for robot arms on ROS 2",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [f"{PACKAGE.replace('_', '-')}={PACKAGE}.cli:main"]
         + [f"mql-ros-{node.replace('_', '-')}={PACKAGE}.nodes.{node}:main" for node in NODES],
