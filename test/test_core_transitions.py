@@ -1,0 +1,137 @@
+"""The control-step rule rebuilds exactly the simulator's episodes from the message stream."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mql_ros.core.errors import InputError
+from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.sim.families import ArmReachFamily
+
+MS = 1_000_000
+
+
+def publish_state(builder, env, stamp):
+    q, dq, gq, gdq = env.joint_state()
+    builder.on_joint_state(stamp, list(env.robot.arm_joints), q, dq)
+    builder.on_gripper_state(stamp + 1, list(env.robot.gripper_joints), gq, gdq)
+
+
+def stream_episode(builder, env, actions, start_ns=0, task_id="reach/test/0"):
+    """Drive the env as the ROS graph does and feed every message to the builder; return the rewards."""
+    stamp = start_ns
+    builder.on_episode(stamp, json.dumps({"event": "start", "task_id": task_id, "task": {}}))
+    rewards = []
+    for a in actions:
+        stamp += 40 * MS
+        publish_state(builder, env, stamp)
+        arm, grip = env.robot.action_to_commands(a)
+        builder.on_command(stamp + 2, arm, grip)
+        _, r, *_ = env.step(a)
+        rewards.append(r)
+        builder.on_reward(stamp + 3, r)
+    stamp += 40 * MS
+    publish_state(builder, env, stamp)
+    builder.on_episode(stamp + 2, json.dumps({"event": "end", "task_id": task_id}))
+    return rewards
+
+
+@pytest.fixture
+def env():
+    family = ArmReachFamily()
+    env = family.make_env(family.test_tasks()[0])
+    env.reset(seed=0)
+    return env
+
+
+def test_stream_rebuilds_the_simulated_episode(env):
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(12, env.robot.act_dim))
+    obs0 = env.robot.observation(*env.joint_state())
+    builder = TransitionBuilder(env.robot)
+    rewards = stream_episode(builder, env, actions)
+    episode = builder.finish_episode()
+    assert episode.task_id == "reach/test/0"
+    assert len(episode) == len(actions)
+    np.testing.assert_allclose(episode.observations[0], obs0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(episode.observations[-1], env.robot.observation(*env.joint_state()), atol=1e-6)
+    np.testing.assert_allclose(episode.actions, actions, atol=1e-6)
+    np.testing.assert_allclose(episode.rewards, rewards, atol=1e-6)
+
+
+def test_command_returns_the_transition_it_completes(env):
+    builder = TransitionBuilder(env.robot)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "t"}))
+    publish_state(builder, env, 10)
+    a = np.zeros(env.robot.act_dim)
+    assert builder.on_command(20, *env.robot.action_to_commands(a)) is None
+    builder.on_reward(30, -0.5)
+    publish_state(builder, env, 40)
+    done = builder.on_command(50, *env.robot.action_to_commands(a))
+    assert done.reward == -0.5 and done.task_id == "t"
+    np.testing.assert_allclose(done.action, a, atol=1e-12)
+
+
+def test_joint_states_are_matched_by_name_not_index(env):
+    builder = TransitionBuilder(env.robot)
+    q, dq, _, _ = env.joint_state()
+    names = list(env.robot.arm_joints)[::-1]
+    builder.on_joint_state(0, names, q[::-1], dq[::-1])
+    np.testing.assert_array_equal(builder._arm[0], q)
+
+
+@pytest.mark.parametrize("names, message", [
+    (["base_yaw_joint", "nope", "elbow_pitch_joint", "wrist_pitch_joint"], "missing joints"),
+    (["base_yaw_joint", "base_yaw_joint", "elbow_pitch_joint", "wrist_pitch_joint"], "duplicated"),
+])
+def test_bad_joint_names_are_rejected_with_the_names(env, names, message):
+    with pytest.raises(InputError, match=message):
+        TransitionBuilder(env.robot).on_joint_state(0, names, [0.0] * 4, [0.0] * 4)
+
+
+def test_nan_state_and_nan_reward_are_rejected(env):
+    builder = TransitionBuilder(env.robot)
+    with pytest.raises(InputError, match="NaN"):
+        builder.on_joint_state(0, list(env.robot.arm_joints), [np.nan, 0, 0, 0], [0.0] * 4)
+    with pytest.raises(InputError, match="not finite"):
+        builder.on_reward(1, float("nan"))
+
+
+def test_time_going_backwards_is_rejected(env):
+    builder = TransitionBuilder(env.robot)
+    builder.on_reward(100, 0.0)
+    with pytest.raises(InputError, match="backwards"):
+        builder.on_reward(50, 0.0)
+
+
+@pytest.mark.parametrize("payload", ["not json", json.dumps({"task_id": "x"}), json.dumps([1, 2])])
+def test_malformed_episode_events_are_rejected(env, payload):
+    with pytest.raises(InputError, match="episode event"):
+        TransitionBuilder(env.robot).on_episode(0, payload)
+
+
+def test_a_step_without_a_reward_is_dropped_with_a_reason(env):
+    builder = TransitionBuilder(env.robot)
+    publish_state(builder, env, 0)
+    cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
+    builder.on_command(10, *cmd)
+    with pytest.raises(InputError, match="no reward"):
+        builder.on_command(20, *cmd)
+    assert builder.finish_episode() is None
+
+
+def test_without_episode_events_a_time_gap_splits_episodes(env):
+    builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
+    cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
+    stamp = 0
+    for start in (0, 10_000 * MS):  # two bursts of 4 commands, 10 s apart
+        stamp = start
+        for _ in range(4):
+            publish_state(builder, env, stamp)
+            builder.on_command(stamp + 2, *cmd)
+            builder.on_reward(stamp + 3, -1.0)
+            stamp += 40 * MS
+    assert [len(e) for e in builder.finished] == [4]
+    assert builder.finished[0].task_id == "recorded"
+    assert len(builder.finish_episode()) == 3  # the open burst: 4 commands, the last one not yet closed
