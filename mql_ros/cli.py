@@ -327,7 +327,9 @@ def _load_or_roll_archive(directory: str | None, agent, family, seed: int):
 def _archive_writer(directory: str, family):
     from mql_ros.archive import EpisodeArchiveWriter
 
-    return EpisodeArchiveWriter(directory, robot=_family_robot(family), family=family.name)
+    env = family.make_env(family.train_tasks()[0]).unwrapped
+    return EpisodeArchiveWriter(directory, robot=getattr(env, "robot", None), family=family.name,
+                                control_dt=getattr(env, "control_dt", 0.04))
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "archive": cmd_archive, "demo": cmd_demo}

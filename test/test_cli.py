@@ -84,3 +84,17 @@ def test_corrupt_checkpoint_is_exit_2(tmp_path):
     r = run_cli("eval", "--checkpoint", "bad.pt", cwd=tmp_path)
     assert r.returncode == 2
     assert "bad.pt" in r.stderr
+
+
+def test_train_with_archive_then_adapt_and_verify_from_the_archive(tmp_path):
+    (tmp_path / "tiny.yaml").write_text("start_steps: 100\nhistory_len: 50\nhidden_sizes: [16, 16]\nbatch_size: 16\n")
+    r = run_cli("train", "--family", "arm_reach", "--steps", "150", "--config", "tiny.yaml", "--out", "arm.pt",
+                "--archive", "archive", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("archive", "verify", "archive", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 episodes, 150 transitions" in r.stdout
+    r = run_cli("adapt", "--checkpoint", "arm.pt", "--archive", "archive", "--family", "arm_reach",
+                "--task-index", "1", "--out", "adapted.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "archived transitions: 150" in r.stdout

@@ -1,0 +1,380 @@
+"""rosbag2 bags (MCAP storage, metadata.yaml) holding the contract topics, written and read with `rosbags`.
+
+Writing: `ArchiveRecorder` takes decoded message values as they arrive (the adaptation node) and starts a
+new bag at every episode end, so a writer killed with SIGKILL loses at most the episode in progress;
+`EpisodeArchiveWriter` turns Episodes (meta-training, `mql-ros train --archive`) into the message stream
+the ROS graph would have produced for them. Reading: every bag's messages in log-time order go through
+the shared step rule (mql_ros.core.transitions), so recorded robot data, `ros2 bag record` output and
+archived meta-training data all come back as the same Episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from struct import error as struct_error
+
+import numpy as np
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+from mql_ros.core.episode import Episode
+from mql_ros.core.errors import ArchiveError, InputError
+from mql_ros.core.robot import RobotSpec
+from mql_ros.core.transitions import TransitionBuilder
+
+TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+JOINT_STATE, FLOAT64_ARRAY = "sensor_msgs/msg/JointState", "std_msgs/msg/Float64MultiArray"
+FLOAT64, STRING = "std_msgs/msg/Float64", "std_msgs/msg/String"
+TOPICS = {
+    "/joint_states": JOINT_STATE,
+    "/gripper/joint_states": JOINT_STATE,
+    "/arm_controller/commands": FLOAT64_ARRAY,
+    "/gripper_controller/commands": FLOAT64_ARRAY,
+    "/mql/reward": FLOAT64,
+    "/mql/episode": STRING,
+}
+_M = TYPESTORE.types
+
+
+def _stamp(ns: int):
+    return _M["builtin_interfaces/msg/Time"](sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def _header(ns: int):
+    return _M["std_msgs/msg/Header"](stamp=_stamp(ns), frame_id="")
+
+
+def _float_array(values) -> object:
+    layout = _M["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+    return _M[FLOAT64_ARRAY](layout=layout, data=np.asarray(values, dtype=np.float64))
+
+
+class BagWriter:
+    """One bag: MCAP storage, the contract topics, CDR-serialized standard messages."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise ArchiveError(f"bag {self.path} already exists")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
+            self._writer.open()
+        except (OSError, Exception) as exc:  # rosbags wraps OS errors in its own types
+            raise ArchiveError(f"cannot create bag {self.path}: {exc}") from exc
+        self._connections = {topic: self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+                             for topic, msgtype in TOPICS.items()}
+        self.messages = 0
+
+    def write(self, topic: str, stamp_ns: int, msg) -> None:
+        try:
+            self._writer.write(self._connections[topic], int(stamp_ns),
+                               TYPESTORE.serialize_cdr(msg, TOPICS[topic]))
+        except OSError as exc:
+            raise ArchiveError(f"cannot write to bag {self.path}: {exc}") from exc
+        self.messages += 1
+
+    def joint_state(self, topic: str, stamp_ns: int, names, positions, velocities) -> None:
+        self.write(topic, stamp_ns, _M[JOINT_STATE](
+            header=_header(stamp_ns), name=list(names), position=np.asarray(positions, dtype=np.float64),
+            velocity=np.asarray(velocities, dtype=np.float64), effort=np.zeros(0, dtype=np.float64)))
+
+    def command(self, topic: str, stamp_ns: int, values) -> None:
+        self.write(topic, stamp_ns, _float_array(values))
+
+    def reward(self, stamp_ns: int, value: float) -> None:
+        self.write("/mql/reward", stamp_ns, _M[FLOAT64](data=float(value)))
+
+    def episode(self, stamp_ns: int, event_json: str) -> None:
+        self.write("/mql/episode", stamp_ns, _M[STRING](data=event_json))
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError as exc:
+            raise ArchiveError(f"cannot finish bag {self.path}: {exc}") from exc
+
+
+def _new_bag_path(directory: Path, stem: str) -> Path:
+    """A fresh, sortable bag name: <stem>_<UTC time>_<n>."""
+    base = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    n = 0
+    while (directory / f"{base}_{n:04d}").exists():
+        n += 1
+    return directory / f"{base}_{n:04d}"
+
+
+class ArchiveRecorder:
+    """Records the contract topics as they arrive; a new bag starts after every `episodes_per_bag`
+    episode end events (default 1, so a SIGKILL loses at most the episode in progress).
+
+    Any write error is raised as ArchiveError and the recorder stops (`failed` says why); the caller's
+    control loop carries on. Bags already closed are never touched again.
+    """
+
+    def __init__(self, directory: str | Path, robot: RobotSpec | None = None, stem: str = "recording",
+                 episodes_per_bag: int = 1) -> None:
+        if episodes_per_bag < 1:
+            raise ArchiveError(f"episodes_per_bag must be >= 1, got {episodes_per_bag}")
+        self.directory = Path(directory).expanduser()
+        self.stem = stem
+        self.episodes_per_bag = episodes_per_bag
+        self._ended_in_bag = 0
+        self.failed: str | None = None
+        self.bags: list[Path] = []
+        self._bag: BagWriter | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArchiveError(f"cannot create archive directory {self.directory}: {exc}") from exc
+
+    def _current(self) -> BagWriter:
+        if self.failed:
+            raise ArchiveError(f"recording stopped: {self.failed}")
+        if self._bag is None:
+            try:
+                self._bag = BagWriter(_new_bag_path(self.directory, self.stem))
+            except ArchiveError as exc:
+                self.failed = str(exc)
+                raise
+            self.bags.append(self._bag.path)
+        return self._bag
+
+    def _do(self, write) -> None:
+        bag = self._current()
+        try:
+            write(bag)
+        except ArchiveError as exc:
+            self.failed = str(exc)
+            raise
+
+    def record_joint_state(self, topic: str, stamp_ns: int, names, positions, velocities) -> None:
+        self._do(lambda bag: bag.joint_state(topic, stamp_ns, names, positions, velocities))
+
+    def record_command(self, topic: str, stamp_ns: int, values) -> None:
+        self._do(lambda bag: bag.command(topic, stamp_ns, values))
+
+    def record_reward(self, stamp_ns: int, value: float) -> None:
+        self._do(lambda bag: bag.reward(stamp_ns, value))
+
+    def record_episode(self, stamp_ns: int, event_json: str) -> None:
+        self._do(lambda bag: bag.episode(stamp_ns, event_json))
+        try:
+            ended = json.loads(event_json).get("event") == "end"
+        except (json.JSONDecodeError, AttributeError):
+            ended = False
+        if ended:
+            self._ended_in_bag += 1
+            if self._ended_in_bag >= self.episodes_per_bag:
+                self.close()
+
+    def close(self) -> None:
+        """Finish the bag in progress (metadata.yaml written); the next message starts a new one."""
+        self._ended_in_bag = 0
+        if self._bag is not None:
+            bag, self._bag = self._bag, None
+            try:
+                bag.close()
+            except ArchiveError as exc:
+                self.failed = str(exc)
+                raise
+
+
+class EpisodeArchiveWriter:
+    """Writes Episodes as the message stream the ROS graph produces, `episodes_per_bag` per bag.
+
+    Time is synthetic: step t at t * control_dt. A SIGKILL loses at most the bag being filled.
+    """
+
+    def __init__(self, directory: str | Path, robot: RobotSpec, family: str = "train",
+                 episodes_per_bag: int = 20, control_dt: float = 0.04) -> None:
+        if robot is None:
+            raise ArchiveError("the archive encodes arm observations on the joint-state topics: this family "
+                               "has no RobotSpec (generic gymnasium families are not archived yet)")
+        self.recorder = ArchiveRecorder(directory, robot, stem=family.replace("/", "_"),
+                                        episodes_per_bag=episodes_per_bag)
+        self.robot = robot
+        self.dt_ns = int(round(control_dt * 1e9))
+        self._clock = 0
+
+    def add(self, episode: Episode) -> None:
+        r, rec = self.robot, self.recorder
+        n, g = r.n_arm, r.n_gripper
+
+        def state(t_ns: int, obs: np.ndarray) -> None:
+            obs = obs.astype(np.float64)
+            rec.record_joint_state("/joint_states", t_ns, r.arm_joints, obs[:n], obs[n:2 * n])
+            rec.record_joint_state("/gripper/joint_states", t_ns, r.gripper_joints, obs[2 * n:2 * n + g],
+                                   obs[2 * n + g:])
+
+        t0 = self._clock
+        rec.record_episode(t0, json.dumps({"event": "start", "task_id": episode.task_id, "task": {}}))
+        for t in range(len(episode)):
+            stamp = t0 + (t + 1) * self.dt_ns
+            state(stamp, episode.observations[t])
+            arm, grip = r.action_to_commands(episode.actions[t].astype(np.float64))
+            rec.record_command("/arm_controller/commands", stamp + 1000, arm)
+            rec.record_command("/gripper_controller/commands", stamp + 1000, grip)
+            rec.record_reward(stamp + 2000, float(episode.rewards[t]))
+        end = t0 + (len(episode) + 1) * self.dt_ns
+        state(end, episode.observations[-1])
+        rec.record_episode(end + 1000, json.dumps({"event": "end", "task_id": episode.task_id}))
+        self._clock = end + self.dt_ns
+
+    def close(self) -> None:
+        self.recorder.close()
+
+
+@dataclass
+class BagReport:
+    """What one bag holds, and what was wrong with it."""
+
+    path: str
+    messages: dict[str, int] = field(default_factory=dict)
+    episodes: int = 0
+    transitions: int = 0
+    tasks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def bag_dirs(path: str | Path) -> list[Path]:
+    """A bag directory itself, or every bag directory (with metadata.yaml or an .mcap) below `path`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArchiveError(f"archive {path} does not exist")
+    if (path / "metadata.yaml").is_file() or list(path.glob("*.mcap")):
+        return [path]
+    bags = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "metadata.yaml").is_file()
+                                                                  or list(p.glob("*.mcap"))))
+    return bags
+
+
+def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
+             episode_gap_s: float = 1.0) -> tuple[list[Episode], BagReport]:
+    """Episodes of one bag by the shared step rule, and a report of every problem met on the way.
+
+    A message the step rule rejects (bad joint names, NaN, wrong length) is reported and skipped; a bag
+    with the right topic names but other message types, or that cannot be opened, is an ArchiveError.
+    """
+    path = Path(path)
+    report = BagReport(str(path))
+    builder = TransitionBuilder(robot, task_id=task_id or path.name, episode_gap_s=episode_gap_s)
+    episodes: list[Episode] = []
+    pending: dict[str, tuple[int, np.ndarray]] = {}
+    messages = _rosbag2_messages(path) if (path / "metadata.yaml").is_file() else _mcap_messages(path)
+    try:
+        for topic, stamp, msg in messages:
+            report.messages[topic] = report.messages.get(topic, 0) + 1
+            try:
+                _feed(builder, topic, stamp, msg, pending, episodes)
+            except InputError as exc:
+                report.problems.append(f"{topic} at {stamp} ns: {exc}")
+    except _Truncated as exc:  # keep what was read before the damage
+        report.problems.append(f"stopped reading after {sum(report.messages.values())} messages: {exc}")
+    episodes += builder.finished
+    last = builder.finish_episode()
+    if last is not None:
+        episodes.append(last)
+    report.episodes = len(episodes)
+    report.transitions = sum(len(e) for e in episodes)
+    report.tasks = sorted({e.task_id for e in episodes})
+    return episodes, report
+
+
+class _Truncated(Exception):
+    """The file ends or breaks in the middle: what came before it is kept."""
+
+
+def _check_type(path: Path, topic: str, msgtype: str) -> None:
+    if topic in TOPICS and msgtype != TOPICS[topic]:
+        raise ArchiveError(f"bag {path}: topic {topic} has type {msgtype}, expected {TOPICS[topic]}")
+
+
+def _rosbag2_messages(path: Path):
+    """(topic, log time, message) of a bag with metadata.yaml, through rosbags (MCAP or SQLite3)."""
+    try:
+        reader = Reader(path)
+        reader.open()
+    except Exception as exc:  # noqa: BLE001 -- rosbags raises many types for an unreadable bag
+        raise ArchiveError(f"bag {path} cannot be opened: {exc}") from exc
+    try:
+        for conn in reader.connections:
+            _check_type(path, conn.topic, conn.msgtype)
+        wanted = [c for c in reader.connections if c.topic in TOPICS]
+        try:
+            for conn, stamp, raw in reader.messages(connections=wanted):
+                yield conn.topic, stamp, TYPESTORE.deserialize_cdr(raw, conn.msgtype)
+        except Exception as exc:  # noqa: BLE001 -- a truncated or corrupt file
+            raise _Truncated(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        reader.close()
+
+
+def _mcap_messages(path: Path):
+    """(topic, log time, message) of .mcap files without metadata.yaml (a killed writer, or a file from
+    another tool), read as a stream so that a truncated file gives everything before the cut."""
+    from mcap.exceptions import McapError
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+
+    files = sorted(path.glob("*.mcap")) if path.is_dir() else [path]
+    if not files:
+        raise ArchiveError(f"bag {path} has neither metadata.yaml nor an .mcap file")
+    for file in files:
+        with open(file, "rb") as f:
+            magic = f.read(8)
+            if len(magic) < 8:
+                raise _Truncated(f"{file.name} ends before its MCAP header ({len(magic)} bytes)")
+            if magic != b"\x89MCAP0\r\n":
+                raise ArchiveError(f"bag {path}: {file.name} is not an MCAP file")
+            f.seek(0)
+            reader = make_reader(f, decoder_factories=[DecoderFactory()])
+            try:
+                for schema, channel, message, decoded in reader.iter_decoded_messages():
+                    _check_type(path, channel.topic, schema.name)
+                    if channel.topic in TOPICS:
+                        yield channel.topic, message.log_time, decoded
+            except ArchiveError:
+                raise
+            except (McapError, EOFError, ValueError, struct_error) as exc:
+                raise _Truncated(f"{file.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict, episodes: list) -> None:
+    if topic == "/joint_states":
+        builder.on_joint_state(stamp, msg.name, msg.position, msg.velocity)
+    elif topic == "/gripper/joint_states":
+        builder.on_gripper_state(stamp, msg.name, msg.position, msg.velocity)
+    elif topic == "/mql/reward":
+        builder.on_reward(stamp, msg.data)
+    elif topic == "/mql/episode":
+        builder.on_episode(stamp, msg.data)
+        if json.loads(msg.data).get("event") == "end":
+            episode = builder.finish_episode()
+            if episode is not None:
+                episodes.append(episode)
+    else:  # a command: the arm and gripper commands of one tick are joined before the rule sees them
+        which = "arm" if topic == "/arm_controller/commands" else "gripper"
+        pending[which] = (stamp, np.asarray(msg.data, dtype=np.float64))
+        if "arm" in pending and "gripper" in pending:
+            (t_arm, arm), (t_grip, grip) = pending.pop("arm"), pending.pop("gripper")
+            builder.on_command(max(t_arm, t_grip), arm, grip)
+
+
+def load_episodes(paths, robot: RobotSpec, task_id: str | None = None,
+                  episode_gap_s: float = 1.0) -> list[Episode]:
+    """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag
+    are not silent: an unreadable bag raises ArchiveError naming it; skipped messages are in read_bag's
+    report (`mql-ros archive verify`)."""
+    if robot is None:
+        raise ArchiveError("reading bags needs the robot's joint names (a checkpoint with a RobotSpec)")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: list[Episode] = []
+    for p in paths:
+        for bag in bag_dirs(p):
+            out += read_bag(bag, robot, task_id, episode_gap_s)[0]
+    return out
