@@ -62,6 +62,7 @@ def save_checkpoint(path: str | Path, agent: TD3Context, family: str, robot: Rob
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is read by other users' nodes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
