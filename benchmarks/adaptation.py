@@ -7,8 +7,10 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
   MQL fixed-lambda  the same with the proximal coefficient fixed at fixed_lambda (the authors' released
                configuration) instead of 1 - ESS: the ablation that decides the default
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
-  oracle       a per-task policy trained with abundant data of that task alone: from the meta weights,
-               --oracle-episodes episodes (with exploration noise) and --oracle-updates TD3 updates
+  oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
+               (arm families: the best held joint target found by sampled inverse kinematics, simulated on
+               the real task; point_goal: the exact optimum); otherwise a per-task policy trained from the
+               meta weights on abundant data of that task alone (--oracle-episodes, --oracle-updates)
 gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means.
 
 The seed changes the new-task episode's and the evaluation episodes' initial states, the snapshot rollouts
@@ -39,7 +41,10 @@ ADAPTED = ("MQL", "MQL fixed-lambda", "fine-tuning")
 
 
 def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates, seed) -> list[float]:
-    """Per task: train from the meta weights on abundant data of that task alone, then evaluate."""
+    """Per task: the family's own oracle, or train from the meta weights on abundant data of that task
+    alone and evaluate."""
+    if hasattr(family, "oracle_return"):
+        return [float(family.oracle_return(task)) for task in tasks]
     rng = np.random.default_rng(seed)
     meta = agent.snapshot()
     out = []

@@ -115,3 +115,14 @@ def test_payload_tasks_need_different_actions_for_the_same_target():
         final[name] = [env.step(action)[1] for _ in range(env.episode_steps)][-1]
     # rewards are -distance in metres: the payload alone moves the tool several centimetres off target
     assert final["light"] > max(final["heavy"], final["ood"]) + 0.03
+
+
+def test_oracle_return_knows_the_task_and_beats_holding_the_home_pose():
+    f = ArmReachFamily()
+    for task in (f.test_tasks()[0], f.ood_tasks()[0]):
+        env = f.make_env(task)
+        env.reset(seed=0)
+        home = sum(env.step(np.zeros(env.robot.act_dim))[1] for _ in range(env.episode_steps))
+        oracle = f.oracle_return(task)
+        assert oracle > home + 10.0  # rewards are -distance per step: centimetres instead of decimetres
+        assert oracle > -0.1 * env.episode_steps
