@@ -251,6 +251,8 @@ def cmd_demo(args) -> int:
                                                seed=args.seed)
     results["fine-tuning"], _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg),
                                                  episodes=args.episodes, seed=args.seed)
+    if hasattr(family, "oracle_return"):  # a controller that knows the task: the ceiling
+        results["oracle"] = [family.oracle_return(task) for task in tasks]
     print(f"\n{'task':<22}" + "".join(f"{m:>13}" for m in results) + f"{'ESS':>8}{'lambda':>8}")
     for i, name in enumerate(names):
         print(f"{name:<22}" + "".join(f"{results[m][i]:13.2f}" for m in results)
@@ -258,7 +260,7 @@ def cmd_demo(args) -> int:
     print(f"{'mean':<22}" + "".join(f"{np.mean(v):13.2f}" for v in results.values()))
     out = Path(args.out)
     png = plots.returns_by_method(results, names, out / "demo_returns.png",
-                                  f"{family.name}: returns before and after adaptation (one episode of data)")
+                                  f"{family.name}: held-out tasks, one episode of new data")
     (out / "demo_results.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "demo_results.json").write_text(json.dumps(
         {"checkpoint": checkpoint, "tasks": names, "returns": results,
