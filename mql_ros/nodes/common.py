@@ -193,6 +193,22 @@ class Diagnostics:
         self._pub.publish(msg)
 
 
+def autostarted(node_class: Callable[[], Node], name: str) -> Callable[[], Node]:
+    """A factory for main_for: builds a lifecycle node and, when its `autostart` parameter is true (plain
+    `ros2 run`), configures and activates it; a failed configure is a ConfigError (exit 2)."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    def make() -> Node:
+        node = node_class()
+        if node.autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise ConfigError(f"{name} failed to configure: {node.diag.message}")
+            node.trigger_activate()
+        return node
+
+    return make
+
+
 def main_for(make_node: Callable[[], Node], args: list[str] | None = None, threads: int = 2) -> int:
     """Run a node until SIGINT/SIGTERM; exit 2 with a one-line reason if its parameters or files are bad.
 

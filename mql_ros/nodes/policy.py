@@ -23,7 +23,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String
 from std_srvs.srv import SetBool
 
-from mql_ros.core.errors import CheckpointError, ConfigError, InputError
+from mql_ros.core.errors import CheckpointError, InputError
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
@@ -36,6 +36,7 @@ from mql_ros.nodes.common import (
     RELIABLE_QOS,
     SENSOR_QOS,
     Diagnostics,
+    autostarted,
     checkpoint_path,
     declare,
     declare_robot,
@@ -262,13 +263,4 @@ class PolicyNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros policy`; exit 2 on bad parameters or an unusable checkpoint."""
-
-    def make() -> PolicyNode:
-        node = PolicyNode()
-        if node.autostart:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                raise ConfigError(f"policy failed to configure: {node.diag.message}")
-            node.trigger_activate()
-        return node
-
-    return main_for(make, args, threads=1)
+    return main_for(autostarted(PolicyNode, "policy"), args, threads=1)

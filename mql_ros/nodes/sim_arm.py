@@ -32,6 +32,7 @@ from mql_ros.nodes.common import (
     RELIABLE_QOS,
     REWARD,
     Diagnostics,
+    autostarted,
     declare,
     main_for,
 )
@@ -216,13 +217,4 @@ class SimArmNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros sim_arm`; exit 2 on bad parameters."""
-
-    def make() -> SimArmNode:
-        node = SimArmNode()
-        if node.autostart:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                raise ConfigError(f"sim_arm failed to configure: {node.diag.message}")
-            node.trigger_activate()
-        return node
-
-    return main_for(make, args)
+    return main_for(autostarted(SimArmNode, "sim_arm"), args)
