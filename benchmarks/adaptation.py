@@ -6,6 +6,7 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
                against the meta-training snapshot (mql_ros.core.adaptation.adapt, the config's defaults)
   MQL fixed-lambda  the same with the proximal coefficient fixed at fixed_lambda (the authors' released
                configuration) instead of 1 - ESS: the ablation that decides the default
+  (MQL uses the checkpoint's adaptation config: the shipped checkpoint's is proximal=ess.)
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
                (arm families: the best held joint target found by sampled inverse kinematics, simulated on
@@ -115,7 +116,8 @@ def main() -> None:
         }
     print(f"\ncheckpoint {path} ({family.name}); {args.seeds} seeds; {args.episodes} eval episodes per task; "
           f"adaptation {cfg.new_task_iters}+{cfg.archive_iters} iterations; "
-          f"oracle {args.oracle_episodes} episodes / {args.oracle_updates} updates per task")
+          (f"oracle: {family.name}.oracle_return" if hasattr(family, "oracle_return") else
+           f"oracle {args.oracle_episodes} episodes / {args.oracle_updates} updates per task"))
     print(f"| split | tasks | {' | '.join(METHODS)} | " + " | ".join(f"gap closed: {m}" for m in ADAPTED) + " |")
     print("|---|---|" + "---|" * (len(METHODS) + len(ADAPTED)))
     for split, row in table.items():
