@@ -20,7 +20,7 @@ from mql_ros.sim.point import PointGoalFamily
 torch.set_num_threads(1)
 
 FAMILY = PointGoalFamily(n_train=4, n_test=2, n_ood=0, episode_steps=10)
-ADAPT = AdaptConfig(new_task_iters=3, archive_iters=6, archive_batch_mult=2, snapshot_per_task=40)
+ADAPT = AdaptConfig(new_task_iters=3, archive_iters=6, archive_batch_mult=2, snapshot_per_task=40, proximal="ess")
 CFG = MQLConfig(history_len=5, context_dim=4, hidden_sizes=(16, 16), batch_size=16, start_steps=0,
                 adapt=ADAPT)
 

@@ -111,7 +111,7 @@ def test_malformed_episode_events_are_rejected(env, payload):
         TransitionBuilder(env.robot).on_episode(0, payload)
 
 
-def test_a_step_without_a_reward_is_dropped_with_a_reason(env):
+def test_a_step_before_any_reward_is_dropped_with_a_reason(env):
     builder = TransitionBuilder(env.robot)
     publish_state(builder, env, 0)
     cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
@@ -119,6 +119,15 @@ def test_a_step_without_a_reward_is_dropped_with_a_reason(env):
     with pytest.raises(InputError, match="no reward"):
         builder.on_command(20, *cmd)
     assert builder.finish_episode() is None
+
+
+def test_two_commands_without_a_new_reward_reuse_the_latest_reward(env):
+    builder = TransitionBuilder(env.robot)
+    publish_state(builder, env, 0)
+    cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
+    builder.on_reward(5, -0.25)
+    builder.on_command(10, *cmd)
+    assert builder.on_command(20, *cmd).reward == -0.25
 
 
 def test_without_episode_events_a_time_gap_splits_episodes(env):

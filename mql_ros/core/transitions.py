@@ -5,8 +5,10 @@ messages in log-time order), so a bag recorded with plain `ros2 bag record` is a
 exactly the transitions the running graph saw.
 
 Command k (an arm command and a gripper command, joined by the caller) is matched with the latest arm and
-gripper state received before it: that is s_k. The reward that followed it is the latest reward received
-after command k and before command k+1 (or before the episode's end event): r_k. The state before command
+gripper state received before it: that is s_k. The reward that followed it, r_k, is the latest reward
+received before command k+1 (or before the episode's end event). The simulator publishes one reward per
+step, so this is the reward of step k; when unsynchronized timers let two commands pass without a new
+reward, the latest one is reused rather than dropping the step (the same online and offline). The state before command
 k+1 (or before the end event) is s_{k+1}. So transition k is complete when command k+1 or the end of the
 episode arrives. This is the simulator's Episode convention too: rewards[t] follows actions[t].
 Episodes are delimited by /mql/episode events; without them (a plain recording), by a gap in time between
@@ -119,10 +121,10 @@ class TransitionBuilder:
         """Close the pending transition with the reward received after its command and the state now."""
         if self._pending is None:
             return None
-        command_stamp, obs, action = self._pending
+        _, obs, action = self._pending
         self._pending = None
-        if self._reward is None or self._reward[0] < command_stamp:
-            raise InputError("no reward was received between two commands: the step is dropped")
+        if self._reward is None:
+            raise InputError("no reward has been received yet: the step is dropped")
         next_obs = self._state("next state")
         if not self._observations:
             self._observations.append(obs)

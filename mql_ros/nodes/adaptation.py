@@ -107,7 +107,10 @@ class AdaptationNode(Node):
 
     # ------------------------------------------------------------------ recording + step rule
     def _feed(self, what: str, record, feed) -> object:
-        """Record the message and feed the step rule; a bad message is reported and dropped, never fatal."""
+        """Record the message and feed the step rule; a bad message is reported and dropped, never fatal.
+
+        The step rule's stamps are taken inside the lock (callbacks run on two threads, and the rule refuses
+        time going backwards); the recording keeps each message's receive time."""
         if self.recorder is not None:
             try:
                 record()
@@ -130,7 +133,7 @@ class AdaptationNode(Node):
     def _on_state(self, topic: str, msg: JointState, feed_name: str) -> None:
         t, names, pos, vel = self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)
         self._feed(feed_name, lambda: self.recorder.record_joint_state(topic, t, names, pos, vel),
-                   lambda: getattr(self.builder, f"on_{feed_name}")(t, names, pos, vel))
+                   lambda: getattr(self.builder, f"on_{feed_name}")(self._stamp(), names, pos, vel))
 
     def _on_arm_state(self, msg: JointState) -> None:
         self._on_state("/joint_states", msg, "joint_state")
@@ -140,7 +143,8 @@ class AdaptationNode(Node):
 
     def _on_reward(self, msg: Float64) -> None:
         t, r = self._stamp(), float(msg.data)
-        self._feed("reward", lambda: self.recorder.record_reward(t, r), lambda: self.builder.on_reward(t, r))
+        self._feed("reward", lambda: self.recorder.record_reward(t, r),
+                   lambda: self.builder.on_reward(self._stamp(), r))
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         self._on_command("arm", "/arm_controller/commands", msg)
@@ -153,12 +157,12 @@ class AdaptationNode(Node):
         with self._lock:
             step = self._commands.add(which, t, values)
         self._feed("command", lambda: self.recorder.record_command(topic, t, values),
-                   lambda: None if step is None else self.builder.on_command(*step))
+                   lambda: None if step is None else self.builder.on_command(self._stamp(), *step[1:]))
 
     def _on_episode(self, msg: String) -> None:
         t = self._stamp()
         self._feed("episode", lambda: self.recorder.record_episode(t, msg.data),
-                   lambda: self.builder.on_episode(t, msg.data))
+                   lambda: self.builder.on_episode(self._stamp(), msg.data))
         try:
             event = json.loads(msg.data)
         except json.JSONDecodeError:

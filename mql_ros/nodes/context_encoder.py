@@ -116,7 +116,9 @@ class ContextEncoderNode(Node):
             step = self._commands.add(which, self._stamp(), msg.data)
         if step is None:
             return
-        transition = self._guard("command", lambda: self.builder.on_command(*step))
+        # Stamped again inside the guarded section: another callback may have fed a newer message between
+        # the two locked sections, and the step rule refuses time going backwards.
+        transition = self._guard("command", lambda: self.builder.on_command(self._stamp(), step[1], step[2]))
         if transition is not None:
             self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward))
 
@@ -172,4 +174,6 @@ class ContextEncoderNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros context_encoder`; exit 2 on bad parameters or an unusable checkpoint."""
-    return main_for(ContextEncoderNode, args)
+    # One thread: the step rule needs the messages in the order they were received, and two executor
+    # threads racing between the stamp and the lock reordered them (steps were dropped on an idle machine).
+    return main_for(ContextEncoderNode, args, threads=1)
