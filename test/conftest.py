@@ -6,9 +6,10 @@ AMENT_PREFIX_PATH defaults to the venv so an installed (pip) package is found li
 
 from __future__ import annotations
 
-import itertools
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
 
 os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
 
-_domains = itertools.count()
+_DOMAIN_LOCKS = Path(tempfile.gettempdir()) / "mql_ros_test_domains"
 
 
 @pytest.fixture
-def ros_domain() -> int:
-    """A ROS_DOMAIN_ID for this test alone (distinct per test and per concurrently running pytest)."""
-    return 1 + (os.getpid() * 13 + next(_domains)) % 100
+def ros_domain():
+    """A ROS_DOMAIN_ID for this test alone: an exclusive lock on one id is held for the test's duration, so
+    concurrently running pytest processes (other checkouts, benchmarks) never share a domain."""
+    _DOMAIN_LOCKS.mkdir(exist_ok=True)
+    start = os.getpid() % 200
+    for i in range(200):
+        domain = 1 + (start + i) % 200
+        lock = open(_DOMAIN_LOCKS / f"{domain}.lock", "w")  # noqa: SIM115 - held until teardown
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        try:
+            yield domain
+        finally:
+            lock.close()
+        return
+    raise RuntimeError(f"all 200 test ROS domains are locked under {_DOMAIN_LOCKS}")
 
 
 @pytest.fixture
