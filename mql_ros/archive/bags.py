@@ -22,7 +22,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import ArchiveError, InputError
+from mql_ros.core.errors import ArchiveError, IncompleteStep, InputError
 from mql_ros.core.robot import RobotSpec
 from mql_ros.core.transitions import TransitionBuilder
 
@@ -238,7 +238,8 @@ class BagReport:
     episodes: int = 0
     transitions: int = 0
     tasks: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # damage or malformed data: the bag is not ok
+    dropped: list[str] = field(default_factory=list)  # steps cut at an episode or recording boundary
 
 
 def bag_dirs(path: str | Path) -> list[Path]:
@@ -257,7 +258,9 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
              episode_gap_s: float = 1.0) -> tuple[list[Episode], BagReport]:
     """Episodes of one bag by the shared step rule, and a report of every problem met on the way.
 
-    A message the step rule rejects (bad joint names, NaN, wrong length) is reported and skipped; a bag
+    A message the step rule rejects (bad joint names, NaN, wrong length) is a problem, reported and skipped;
+    a step cut at a boundary (a command before the episode's first state or reward: the start of a recording,
+    or a bag that begins at an episode start) is counted in `dropped`, as the online node drops it; a bag
     with the right topic names but other message types, or that cannot be opened, is an ArchiveError.
     """
     path = Path(path)
@@ -271,6 +274,8 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
             report.messages[topic] = report.messages.get(topic, 0) + 1
             try:
                 _feed(builder, topic, stamp, msg, pending, episodes)
+            except IncompleteStep as exc:
+                report.dropped.append(f"{topic} at {stamp} ns: {exc}")
             except InputError as exc:
                 report.problems.append(f"{topic} at {stamp} ns: {exc}")
     except _Truncated as exc:  # keep what was read before the damage

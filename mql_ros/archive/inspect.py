@@ -25,7 +25,9 @@ class VerifyReport:
         lines = []
         for b in self.bags:
             status = "ok" if not b.problems else f"{len(b.problems)} problem(s)"
-            lines.append(f"{b.path}: {b.episodes} episodes, {b.transitions} transitions, tasks {b.tasks}: {status}")
+            dropped = f", {len(b.dropped)} step(s) cut at a boundary" if b.dropped else ""
+            lines.append(f"{b.path}: {b.episodes} episodes, {b.transitions} transitions{dropped}, tasks {b.tasks}: "
+                         f"{status}")
             lines += [f"  - {p}" for p in b.problems[:20]]
             if len(b.problems) > 20:
                 lines.append(f"  - ... and {len(b.problems) - 20} more")

@@ -17,5 +17,10 @@ class InputError(MQLError, ValueError):
     """Data given to the core is malformed: wrong shape, NaN/inf, unknown joint names."""
 
 
+class IncompleteStep(InputError):
+    """A command or step end came before the state or reward it needs in this episode (at an episode or
+    recording boundary): the step is dropped. Expected at boundaries, unlike malformed data."""
+
+
 class ArchiveError(MQLError):
     """A bag or archive directory cannot be read or written as asked."""

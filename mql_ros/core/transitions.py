@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import InputError
+from mql_ros.core.errors import IncompleteStep, InputError
 from mql_ros.core.robot import RobotSpec
 
 
@@ -85,8 +85,9 @@ class TransitionBuilder:
         if not isinstance(event, dict) or event.get("event") not in ("start", "end"):
             raise InputError(f"episode event needs \"event\": \"start\" or \"end\", got {event_json!r}")
         self._advance(stamp_ns)
-        if event["event"] == "start":
+        if event["event"] == "start":  # state and reward from before it belong to the last episode
             self._clear_episode()
+            self._arm = self._grip = self._reward = None
             self.task_id = str(event.get("task_id") or self.default_task_id)
             return None
         return self._complete(stamp_ns)
@@ -124,7 +125,7 @@ class TransitionBuilder:
         _, obs, action = self._pending
         self._pending = None
         if self._reward is None:
-            raise InputError("no reward has been received yet: the step is dropped")
+            raise IncompleteStep("no reward received in this episode yet: the step is dropped")
         next_obs = self._state("next state")
         if not self._observations:
             self._observations.append(obs)
@@ -136,7 +137,7 @@ class TransitionBuilder:
     def _state(self, what: str) -> np.ndarray:
         if self._arm is None or self._grip is None:
             missing = "arm" if self._arm is None else "gripper"
-            raise InputError(f"{what}: no {missing} joint state received yet")
+            raise IncompleteStep(f"{what}: no {missing} joint state received in this episode yet")
         return self.robot.observation(self._arm[0], self._arm[1], self._grip[0], self._grip[1])
 
     def _read_state(self, names, positions, velocities, joints, what) -> tuple[np.ndarray, np.ndarray]:
