@@ -18,6 +18,7 @@ from pathlib import Path
 from struct import error as struct_error
 
 import numpy as np
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -38,6 +39,19 @@ TOPICS = {
     "/mql/episode": STRING,
 }
 _M = TYPESTORE.types
+
+
+def _offered_qos(durability: QosDurability) -> Qos:
+    """The QoS the graph's publishers offer, as `ros2 bag record` stores it (history and depth are not seen
+    on the wire; the rest is infinite/automatic). `ros2 bag play` republishes with it, so the latched
+    /mql/episode reaches subscribers that ask for transient-local durability."""
+    forever = QosTime(9223372036, 854775807)
+    return Qos(QosHistory.UNKNOWN, 0, QosReliability.RELIABLE, durability, forever, forever, QosLiveliness.AUTOMATIC,
+               forever, False)
+
+
+OFFERED_QOS = {topic: [_offered_qos(QosDurability.TRANSIENT_LOCAL if topic == "/mql/episode"
+                                    else QosDurability.VOLATILE)] for topic in TOPICS}
 
 
 def _stamp(ns: int):
@@ -66,7 +80,8 @@ class BagWriter:
             self._writer.open()
         except (OSError, Exception) as exc:  # rosbags wraps OS errors in its own types
             raise ArchiveError(f"cannot create bag {self.path}: {exc}") from exc
-        self._connections = {topic: self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+        self._connections = {topic: self._writer.add_connection(topic, msgtype, typestore=TYPESTORE,
+                                                                offered_qos_profiles=OFFERED_QOS[topic])
                              for topic, msgtype in TOPICS.items()}
         self.messages = 0
 
