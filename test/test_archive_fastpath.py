@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mql_ros.archive import EpisodeArchiveWriter, columnar, load_episodes, read_bag
 from mql_ros.archive.bags import TOPICS, TYPESTORE, BagWriter, bag_dirs, read_bag_per_message
@@ -272,3 +274,45 @@ def test_unwritable_cache_location_reads_without_a_cache(tmp_path, robot, monkey
     monkeypatch.setenv("MQL_ARCHIVE_CACHE", str(tmp_path / "a_file" / "cache"))  # cannot be created
     back = load_episodes(tmp_path / "archive", robot)
     assert [e.observations.tobytes() for e in back] == [e.observations.tobytes() for e in reference]
+
+
+@st.composite
+def message_streams(draw):
+    """Random contract message streams: episode events (some malformed), gaps, missing or repeated
+    rewards, lone commands, states missing, log times out of order."""
+    events = []
+    t = 0
+    for _ in range(draw(st.integers(1, 40))):
+        t += draw(st.sampled_from([1, 1000, 40_000_000, 2_000_000_000]))
+        kind = draw(st.sampled_from(["arm", "grip", "arm_cmd", "grip_cmd", "reward", "start", "end", "bad_event"]))
+        jitter = draw(st.sampled_from([0, 0, 0, -500]))  # sometimes written before the previous message
+        events.append((kind, max(0, t + jitter), draw(st.floats(-1, 1))))
+    return events
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=message_streams(), with_metadata=st.booleans())
+def test_fast_path_equals_per_message_path_on_random_streams(tmp_path_factory, robot, stream, with_metadata):
+    path = tmp_path_factory.mktemp("random") / "bag"
+    bag = BagWriter(path)
+    for kind, t, x in stream:
+        if kind == "arm":
+            bag.joint_state("/joint_states", t, robot.arm_joints, np.full(robot.n_arm, x), np.full(robot.n_arm, -x))
+        elif kind == "grip":
+            bag.joint_state("/gripper/joint_states", t, robot.gripper_joints, np.full(2, x), np.zeros(2))
+        elif kind in ("arm_cmd", "grip_cmd"):
+            arm, grip = robot.action_to_commands(np.full(robot.act_dim, x))
+            bag.command("/arm_controller/commands" if kind == "arm_cmd" else "/gripper_controller/commands", t,
+                        arm if kind == "arm_cmd" else grip)
+        elif kind == "reward":
+            bag.reward(t, x)
+        elif kind == "bad_event":
+            bag.episode(t, "[1, 2]")
+        else:
+            bag.episode(t, json.dumps({"event": kind, "task_id": f"task{int(x * 3)}"}))
+    bag.close()
+    if not with_metadata:
+        (path / "metadata.yaml").unlink()
+    slow = read_bag_per_message(path, robot, task_id="default", episode_gap_s=1.0)
+    assert_same(read_bag(path, robot, task_id="default"), slow)
+    assert_same(read_bag(path, robot, task_id="default"), slow)  # from the cache
