@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mql_ros.archive import EpisodeArchiveWriter, columnar, load_episodes, read_bag
 from mql_ros.archive.bags import TOPICS, TYPESTORE, BagWriter, bag_dirs, read_bag_per_message
 from mql_ros.core.episode import Episode
+from mql_ros.core.errors import InputError
+from mql_ros.core.replay import EpisodeReplay, MultiTaskReplay
 from mql_ros.core.robot import RobotSpec
 
 JOINT_STATE_DEF = ("std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\nfloat64[] effort\n"
@@ -316,3 +320,33 @@ def test_fast_path_equals_per_message_path_on_random_streams(tmp_path_factory, r
     slow = read_bag_per_message(path, robot, task_id="default", episode_gap_s=1.0)
     assert_same(read_bag(path, robot, task_id="default"), slow)
     assert_same(read_bag(path, robot, task_id="default"), slow)  # from the cache
+
+
+def assert_batches_equal(a, b):
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f.name
+
+
+@pytest.mark.parametrize("history_len", [1, 4, 30])
+def test_episode_replay_gives_multitask_replay_batches_without_copying(tmp_path, robot, history_len):
+    write_archive(tmp_path, robot, n=5, steps=12)
+    load_episodes(tmp_path, robot)
+    episodes = load_episodes(tmp_path, robot)  # warm: views of memory-mapped cache files
+    assert isinstance(episodes[0].observations.base, np.memmap)
+    episodes.append(Episode("terminal", np.ones((4, robot.obs_dim)), np.zeros((3, robot.act_dim)), np.ones(3),
+                            terminated=True))
+    mapped, in_ram = EpisodeReplay(history_len, episodes), MultiTaskReplay(history_len)
+    for e in episodes:
+        in_ram.add_episode(e)
+    assert mapped.task_ids() == in_ram.task_ids()
+    assert [mapped.num_transitions(k) for k in [None, *in_ram.task_ids(), "nope"]] == \
+        [in_ram.num_transitions(k) for k in [None, *in_ram.task_ids(), "nope"]]
+    assert_batches_equal(mapped.all_transitions(), in_ram.all_transitions())
+    for task in in_ram.task_ids():
+        assert_batches_equal(mapped.recent(task, 7), in_ram.recent(task, 7))
+    batch = mapped.sample(64, np.random.default_rng(0), task_ids=["terminal"])
+    assert (batch.task_index == mapped.task_ids().index("terminal")).all()
+    assert len(mapped.sample(32, np.random.default_rng(1))) == 32
+    with pytest.raises(InputError, match="no task"):
+        mapped.sample(4, np.random.default_rng(0), task_ids=["nope"])
