@@ -294,7 +294,7 @@ def message_streams(draw):
     return events
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=message_streams(), with_metadata=st.booleans())
 def test_fast_path_equals_per_message_path_on_random_streams(tmp_path_factory, robot, stream, with_metadata):
     path = tmp_path_factory.mktemp("random") / "bag"

@@ -303,8 +303,9 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
         columnar.drop_stale(entry)
         columnar.write_cache(entry, episodes, report, robot.obs_dim, robot.act_dim)
     except OSError:  # a read-only archive or a full disk: reading works without a cache
-        pass
-    return episodes, report
+        return episodes, report
+    hit = columnar.read_cache(entry)  # the mapped copy, so a cold load holds no more memory than a warm one
+    return (hit[0], report) if hit is not None else (episodes, report)
 
 
 def read_bag_per_message(path: str | Path, robot: RobotSpec, task_id: str | None = None,
