@@ -21,6 +21,7 @@ from std_srvs.srv import Trigger
 
 from mql_ros.core.errors import CheckpointError, InputError, MQLError
 from mql_ros.core.runtime import DeployedPolicy
+from mql_ros.core.safety import accept_update, parse_update
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
@@ -149,16 +150,13 @@ class ContextEncoderNode(Node):
         return response
 
     def _on_policy_update(self, msg: String) -> None:
+        """Follow the policy node: the same validation, so both switch to an update or neither does."""
         try:
-            update = json.loads(msg.data)
-            path, sha = str(update["path"]), str(update["sha256"])
+            path, sha = parse_update(msg.data)
             if sha == self.policy.sha256:
                 return
-            candidate = DeployedPolicy.from_checkpoint(path, self.robot)
-            if candidate.sha256 != sha:
-                raise CheckpointError(f"checkpoint {path}: sha256 is {candidate.sha256}, "
-                                      f"the update said {sha}")
-        except (json.JSONDecodeError, KeyError, TypeError, CheckpointError, InputError) as exc:
+            candidate = accept_update(path, sha, self.policy, self.robot)
+        except (CheckpointError, InputError, ValueError) as exc:
             self.diag.reject("policy_update", f"kept checkpoint {self.policy.sha256[:12]}: {exc}")
             return
         with self._lock:
