@@ -63,6 +63,18 @@ class Command:
     hold: str = ""
 
 
+def read_joint_state(robot: RobotSpec, names, positions, velocities, joints: tuple[str, ...], what: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, velocities) of `joints`, matched by name; InputError on NaN/inf, gaps or no velocities."""
+    pos = robot.order_joint_state(names, positions, joints, f"{what} position")
+    if len(velocities) == 0:
+        raise InputError(f"{what}: no velocities (the observation needs them)")
+    vel = robot.order_joint_state(names, velocities, joints, f"{what} velocity")
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
+        raise InputError(f"{what}: contains NaN or inf: position {pos.tolist()} velocity {vel.tolist()}")
+    return pos, vel
+
+
 class CommandGuard:
     """The latest readings and the last command; turns them and a policy into a safe Command."""
 
@@ -79,6 +91,17 @@ class CommandGuard:
     def reset(self) -> None:
         """Forget the last command (the next one is rate limited from the measured positions)."""
         self._last = None
+
+    def set_joint_state(self, which: str, names, positions, velocities, now: float) -> None:
+        """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed."""
+        reading, joints = ((self.arm, self.robot.arm_joints) if which == "arm"
+                           else (self.gripper, self.robot.gripper_joints))
+        try:
+            value = read_joint_state(self.robot, names, positions, velocities, joints, f"{which} state")
+        except InputError as exc:
+            reading.refuse(str(exc))
+            raise
+        reading.accept(value, now)
 
     def set_context(self, z, expected_dim: int, now: float) -> None:
         """Accept a context of `expected_dim` finite values; InputError (and a fault) otherwise."""

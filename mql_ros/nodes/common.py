@@ -26,7 +26,6 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import JointState
 
 from mql_ros.core.errors import CheckpointError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import share_file
@@ -103,18 +102,6 @@ def checkpoint_path(value: str) -> str:
 def stamp_ns(msg) -> int:
     """A header stamp in integer nanoseconds."""
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
-def decode_joint_state(spec: RobotSpec, msg: JointState, joints: tuple[str, ...], what: str
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, velocities) of `joints` from a JointState, matched by name; InputError on NaN or gaps."""
-    pos = spec.order_joint_state(msg.name, msg.position, joints, f"{what} position")
-    if len(msg.velocity) == 0:
-        raise InputError(f"{what}: no velocities (the observation needs them)")
-    vel = spec.order_joint_state(msg.name, msg.velocity, joints, f"{what} velocity")
-    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
-        raise InputError(f"{what}: contains NaN or inf: position {pos.tolist()} velocity {vel.tolist()}")
-    return pos, vel
 
 
 class CommandPair:

@@ -25,7 +25,7 @@ from std_srvs.srv import SetBool
 
 from mql_ros.core.errors import CheckpointError, InputError
 from mql_ros.core.runtime import DeployedPolicy
-from mql_ros.core.safety import CommandGuard, Reading, SafetyLimits, accept_update, parse_update, to_velocity
+from mql_ros.core.safety import CommandGuard, SafetyLimits, accept_update, parse_update, to_velocity
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
     CONTEXT,
@@ -41,7 +41,6 @@ from mql_ros.nodes.common import (
     checkpoint_path,
     declare,
     declare_robot,
-    decode_joint_state,
     main_for,
 )
 
@@ -116,25 +115,20 @@ class PolicyNode(LifecycleNode):
         return super().on_deactivate(state)
 
     # ------------------------------------------------------------------ inputs
-    def _on_joint_state(self, reading: Reading, msg: JointState, joints: tuple[str, ...], what: str) -> None:
-        now = time.monotonic()
+    def _on_joint_state(self, which: str, msg: JointState) -> None:
         try:
-            value = decode_joint_state(self.robot, msg, joints, what)
-        except InputError as exc:
             with self._lock:
-                reading.refuse(str(exc))
-            self.diag.reject(what.replace(" ", "_"), str(exc))
-            return
-        with self._lock:
-            reading.accept(value, now)
+                self.guard.set_joint_state(which, msg.name, msg.position, msg.velocity, time.monotonic())
+        except InputError as exc:
+            self.diag.reject("joint_state" if which == "arm" else "gripper_state", str(exc))
 
     def _on_arm_state(self, msg: JointState) -> None:
-        self._on_joint_state(self.guard.arm, msg, self.robot.arm_joints, "joint state")
+        self._on_joint_state("arm", msg)
         if self.trigger_mode == "state" and self._timer is not None:
             self._tick(from_state=True)
 
     def _on_gripper_state(self, msg: JointState) -> None:
-        self._on_joint_state(self.guard.gripper, msg, self.robot.gripper_joints, "gripper state")
+        self._on_joint_state("gripper", msg)
 
     def _on_context(self, msg: Float32MultiArray) -> None:
         try:
