@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.exceptions import InvalidParameterValueException
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -76,6 +77,13 @@ def declare(node: Node, name: str, default, description: str, lo: float | None =
         value = node.declare_parameter(name, default, desc).value
     except InvalidParameterValueException as exc:
         raise ConfigError(f"{node.get_name()}: parameter {name} is out of range [{lo}, {hi}]: {exc}") from exc
+    except InvalidParameterTypeException as exc:
+        raise ConfigError(f"{node.get_name()}: parameter {name} has the wrong type: {exc}") from exc
+    # An empty list in YAML or on the command line reaches rclpy as "not set": refuse it rather than
+    # silently falling back to the default (rclpy has no public accessor for the overrides).
+    if value is None and name in node._parameter_overrides:
+        raise ConfigError(f"{node.get_name()}: parameter {name} is set but empty; give at least one value "
+                          f"or leave it unset")
     if isinstance(value, float) and not np.isfinite(value):
         raise ConfigError(f"{node.get_name()}: parameter {name} must be finite, got {value}")
     if choices is not None and value not in choices:
@@ -91,7 +99,10 @@ def declare_robot(node: Node) -> RobotSpec:
                   "arm joint names in command order; unset: the URDF's non-finger movable joints")
     grip = declare(node, "gripper_joints", Parameter.Type.STRING_ARRAY,
                    "gripper joint names; unset: the URDF's movable joints named *finger*")
-    return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
+    try:
+        return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
+    except ET.ParseError as exc:
+        raise ConfigError(f"{node.get_name()}: robot_description is not valid URDF XML: {exc}") from exc
 
 
 def checkpoint_path(value: str) -> str:
