@@ -78,7 +78,7 @@ def test_joint_states_are_matched_by_name_not_index(env):
     q, dq, _, _ = env.joint_state()
     names = list(env.robot.arm_joints)[::-1]
     builder.on_joint_state(0, names, q[::-1], dq[::-1])
-    np.testing.assert_array_equal(builder._arm[0], q)
+    np.testing.assert_array_equal(builder.rule.arm[0], q)
 
 
 @pytest.mark.parametrize("names, message", [

@@ -18,9 +18,11 @@ from pathlib import Path
 from struct import error as struct_error
 
 import numpy as np
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from mql_ros.archive import columnar
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import ArchiveError, IncompleteStep, InputError
 from mql_ros.core.robot import RobotSpec
@@ -38,6 +40,19 @@ TOPICS = {
     "/mql/episode": STRING,
 }
 _M = TYPESTORE.types
+
+
+def _offered_qos(durability: QosDurability) -> Qos:
+    """The QoS the graph's publishers offer, as `ros2 bag record` stores it (history and depth are not seen
+    on the wire; the rest is infinite/automatic). `ros2 bag play` republishes with it, so the latched
+    /mql/episode reaches subscribers that ask for transient-local durability."""
+    forever = QosTime(9223372036, 854775807)
+    return Qos(QosHistory.UNKNOWN, 0, QosReliability.RELIABLE, durability, forever, forever, QosLiveliness.AUTOMATIC,
+               forever, False)
+
+
+OFFERED_QOS = {topic: [_offered_qos(QosDurability.TRANSIENT_LOCAL if topic == "/mql/episode"
+                                    else QosDurability.VOLATILE)] for topic in TOPICS}
 
 
 def _stamp(ns: int):
@@ -66,7 +81,8 @@ class BagWriter:
             self._writer.open()
         except (OSError, Exception) as exc:  # rosbags wraps OS errors in its own types
             raise ArchiveError(f"cannot create bag {self.path}: {exc}") from exc
-        self._connections = {topic: self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
+        self._connections = {topic: self._writer.add_connection(topic, msgtype, typestore=TYPESTORE,
+                                                                offered_qos_profiles=OFFERED_QOS[topic])
                              for topic, msgtype in TOPICS.items()}
         self.messages = 0
 
@@ -255,14 +271,45 @@ def bag_dirs(path: str | Path) -> list[Path]:
 
 
 def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
-             episode_gap_s: float = 1.0) -> tuple[list[Episode], BagReport]:
+             episode_gap_s: float = 1.0, cache: bool = True) -> tuple[list[Episode], BagReport]:
     """Episodes of one bag by the shared step rule, and a report of every problem met on the way.
 
     A message the step rule rejects (bad joint names, NaN, wrong length) is a problem, reported and skipped;
     a step cut at a boundary (a command before the episode's first state or reward: the start of a recording,
     or a bag that begins at an episode start) is counted in `dropped`, as the online node drops it; a bag
     with the right topic names but other message types, or that cannot be opened, is an ArchiveError.
+
+    With `cache` (the default) the result comes from the bag's columnar cache when it is current, and is
+    decoded in bulk otherwise (mql_ros.archive.columnar), falling back to per-message decoding for
+    irregular bags; the Episodes are then views of memory-mapped arrays. The result is the same either way.
     """
+    path = Path(path)
+    if not cache:
+        return read_bag_per_message(path, robot, task_id, episode_gap_s)
+    entry = columnar.cache_root(path) / f"{path.name}-{columnar.cache_key(path, robot, task_id, episode_gap_s)}"
+    hit = columnar.read_cache(entry)
+    if hit is not None:
+        episodes, report = hit
+        return episodes, BagReport(**report)
+    try:
+        decoded, counts = columnar.decode_bag(path, robot, TYPESTORE, TOPICS)
+    except columnar.Irregular:
+        episodes, report = read_bag_per_message(path, robot, task_id, episode_gap_s)
+    else:
+        report = BagReport(str(path), messages=counts)
+        episodes = columnar.run_rule(decoded, robot, task_id or path.name, episode_gap_s, report)
+        _summarize(report, episodes)
+    try:
+        columnar.drop_stale(entry)
+        columnar.write_cache(entry, episodes, report, robot.obs_dim, robot.act_dim)
+    except OSError:  # a read-only archive or a full disk: reading works without a cache
+        pass
+    return episodes, report
+
+
+def read_bag_per_message(path: str | Path, robot: RobotSpec, task_id: str | None = None,
+                         episode_gap_s: float = 1.0) -> tuple[list[Episode], BagReport]:
+    """read_bag decoding every message with rosbags (or the mcap stream reader): the reference path."""
     path = Path(path)
     report = BagReport(str(path))
     builder = TransitionBuilder(robot, task_id=task_id or path.name, episode_gap_s=episode_gap_s)
@@ -284,10 +331,14 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
     last = builder.finish_episode()
     if last is not None:
         episodes.append(last)
+    _summarize(report, episodes)
+    return episodes, report
+
+
+def _summarize(report: BagReport, episodes: list[Episode]) -> None:
     report.episodes = len(episodes)
     report.transitions = sum(len(e) for e in episodes)
     report.tasks = sorted({e.task_id for e in episodes})
-    return episodes, report
 
 
 class _Truncated(Exception):
@@ -371,7 +422,7 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
 
 
 def load_episodes(paths, robot: RobotSpec, task_id: str | None = None,
-                  episode_gap_s: float = 1.0) -> list[Episode]:
+                  episode_gap_s: float = 1.0, cache: bool = True) -> list[Episode]:
     """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag
     are not silent: an unreadable bag raises ArchiveError naming it; skipped messages are in read_bag's
     report (`mql-ros archive verify`)."""
@@ -381,5 +432,5 @@ def load_episodes(paths, robot: RobotSpec, task_id: str | None = None,
     out: list[Episode] = []
     for p in paths:
         for bag in bag_dirs(p):
-            out += read_bag(bag, robot, task_id, episode_gap_s)[0]
+            out += read_bag(bag, robot, task_id, episode_gap_s, cache)[0]
     return out

@@ -7,6 +7,7 @@ loose transitions) is what lets any transition's context window be rebuilt later
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -54,3 +55,16 @@ class Episode:
     @property
     def act_dim(self) -> int:
         return int(self.actions.shape[1])
+
+    def save(self, path: str | Path) -> None:
+        """One .npz holding the episode exactly (float32 arrays, task id, terminal flag)."""
+        np.savez(path, task_id=np.array(self.task_id), observations=self.observations, actions=self.actions,
+                 rewards=self.rewards, terminated=np.array(self.terminated))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Episode:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return cls(str(f["task_id"]), f["observations"], f["actions"], f["rewards"], bool(f["terminated"]))
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"{path} is not a saved episode: {exc}") from exc

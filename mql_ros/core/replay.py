@@ -256,6 +256,132 @@ class MultiTaskReplay:
             task_index=torch.from_numpy(self._task[slots]))
 
 
+
+class EpisodeReplay:
+    """ReplayStore over Episodes left where they are (the archive's memory-mapped caches): nothing is
+    copied up front, a batch gathers only its rows, so an archive larger than RAM can be sampled. Same
+    Batch contents as MultiTaskReplay for the same transitions; no capacity and no eviction."""
+
+    def __init__(self, history_len: int, episodes: Sequence[Episode] = ()) -> None:
+        if int(history_len) < 1:
+            raise InputError(f"EpisodeReplay: history_len must be >= 1, got {history_len}")
+        self.history_len = int(history_len)
+        self.obs_dim: int | None = None
+        self.act_dim: int | None = None
+        self._episodes: list[Episode] = []
+        self._ep_task: list[int] = []
+        self._tasks: list[str] = []
+        self._task_index: dict[str, int] = {}
+        self._index: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}  # task -> (episodes, cum. lengths)
+        for e in episodes:
+            self.add_episode(e)
+
+    def add_episode(self, episode: Episode) -> None:
+        if not isinstance(episode, Episode):
+            raise InputError(f"add_episode: expected an Episode, got {type(episode).__name__}")
+        if len(episode) == 0:
+            return
+        if self.obs_dim is None:
+            self.obs_dim, self.act_dim = episode.obs_dim, episode.act_dim
+        elif (episode.obs_dim, episode.act_dim) != (self.obs_dim, self.act_dim):
+            raise InputError(f"episode {episode.task_id!r} has obs_dim={episode.obs_dim}, "
+                             f"act_dim={episode.act_dim}; this replay holds obs_dim={self.obs_dim}, "
+                             f"act_dim={self.act_dim}")
+        if episode.task_id not in self._task_index:
+            self._task_index[episode.task_id] = len(self._tasks)
+            self._tasks.append(episode.task_id)
+        self._episodes.append(episode)
+        self._ep_task.append(self._task_index[episode.task_id])
+        self._index.clear()
+
+    def task_ids(self) -> list[str]:
+        return list(self._tasks)
+
+    def _pool(self, task: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(episode numbers, cumulative lengths starting at 0) of one task, or of all (None)."""
+        if task not in self._index:
+            eps = np.array([i for i, k in enumerate(self._ep_task) if task is None or k == task], dtype=np.int64)
+            lengths = np.array([len(self._episodes[i]) for i in eps], dtype=np.int64)
+            self._index[task] = (eps, np.concatenate([[0], np.cumsum(lengths)]))
+        return self._index[task]
+
+    def num_transitions(self, task_id: str | None = None) -> int:
+        if task_id is not None and task_id not in self._task_index:
+            return 0
+        return int(self._pool(None if task_id is None else self._task_index[task_id])[1][-1])
+
+    def _known(self, task_id: str) -> int:
+        if task_id not in self._task_index:
+            raise InputError(f"replay has no task {task_id!r} (it has {len(self._tasks)} tasks)")
+        return self._task_index[task_id]
+
+    def _locate(self, task: int | None, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        eps, cum = self._pool(task)
+        pos = np.searchsorted(cum, flat, side="right") - 1
+        return eps[pos], flat - cum[pos]
+
+    def sample(self, batch_size: int, rng: np.random.Generator,
+               task_ids: Sequence[str] | None = None) -> Batch:
+        """`batch_size` transitions drawn uniformly (with replacement) from all, or from `task_ids`."""
+        if batch_size < 1:
+            raise InputError(f"sample: batch_size must be >= 1, got {batch_size}")
+        tasks = [None] if task_ids is None else [self._known(k) for k in task_ids]
+        sizes = np.array([self._pool(k)[1][-1] for k in tasks], dtype=np.int64)
+        if sizes.sum() == 0:
+            raise InputError("sample: the replay is empty" if task_ids is None
+                             else f"sample: no transitions for tasks {list(task_ids)}")
+        flat = rng.integers(0, int(sizes.sum()), size=batch_size)
+        which = np.searchsorted(np.cumsum(sizes), flat, side="right")
+        offset = np.concatenate([[0], np.cumsum(sizes)])
+        ep, t = np.zeros(batch_size, dtype=np.int64), np.zeros(batch_size, dtype=np.int64)
+        for j, task in enumerate(tasks):
+            sel = which == j
+            ep[sel], t[sel] = self._locate(task, flat[sel] - offset[j])
+        return self._gather(ep, t)
+
+    def recent(self, task_id: str, n: int) -> Batch:
+        """The latest `n` transitions of one task (fewer if it has fewer), oldest first."""
+        task = self._known(task_id)
+        total = self.num_transitions(task_id)
+        return self._gather(*self._locate(task, np.arange(max(0, total - int(n)), total)))
+
+    def all_transitions(self) -> Batch:
+        """Every transition, in the order added."""
+        return self._gather(*self._locate(None, np.arange(self.num_transitions())))
+
+    def _gather(self, ep: np.ndarray, t: np.ndarray) -> Batch:
+        if self.obs_dim is None:
+            raise InputError("the replay is empty")
+        h, a, n = self.history_len, self.act_dim, ep.shape[0]
+        width = entry_dim(self.obs_dim, a)
+        obs = np.empty((n, self.obs_dim), np.float32)
+        next_obs = np.empty((n, self.obs_dim), np.float32)
+        actions = np.empty((n, a), np.float32)
+        rewards = np.empty((n, 1), np.float32)
+        not_done = np.ones((n, 1), np.float32)
+        hist = np.zeros((n, h, width), np.float32)
+        next_hist = np.zeros((n, h, width), np.float32)
+        hist_len = np.minimum(t, h)
+        next_len = np.minimum(t + 1, h)
+        for i, (e, k) in enumerate(zip(ep.tolist(), t.tolist(), strict=True)):
+            episode = self._episodes[e]
+            lo = max(0, k - h)
+            rows = slice(lo, k + 1)  # the entries (a, r, s) of steps lo .. k
+            block = np.concatenate([episode.actions[rows], episode.rewards[rows, None],
+                                    episode.observations[rows]], axis=1)
+            hist[i, : k - lo] = block[:-1]
+            next_hist[i, : next_len[i]] = block[k + 1 - next_len[i] - lo:]
+            obs[i], actions[i], rewards[i, 0] = block[-1, a + 1:], block[-1, :a], block[-1, a]
+            next_obs[i] = episode.observations[k + 1]
+            if episode.terminated and k == len(episode) - 1:
+                not_done[i, 0] = 0.0
+        task = np.array(self._ep_task, dtype=np.int64)[ep]
+        return Batch(obs=torch.from_numpy(obs), actions=torch.from_numpy(actions),
+                     rewards=torch.from_numpy(rewards), next_obs=torch.from_numpy(next_obs),
+                     not_done=torch.from_numpy(not_done), hist=torch.from_numpy(hist),
+                     hist_len=torch.from_numpy(hist_len), next_hist=torch.from_numpy(next_hist),
+                     next_hist_len=torch.from_numpy(next_len), task_index=torch.from_numpy(task))
+
 def episodes_to_batch(episodes: Sequence[Episode], history_len: int) -> Batch:
     """Every transition of `episodes`, in order, with their windows."""
     total = sum(len(e) for e in episodes)

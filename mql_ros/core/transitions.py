@@ -13,6 +13,11 @@ k+1 (or before the end event) is s_{k+1}. So transition k is complete when comma
 episode arrives. This is the simulator's Episode convention too: rewards[t] follows actions[t].
 Episodes are delimited by /mql/episode events; without them (a plain recording), by a gap in time between
 commands longer than `episode_gap_s`, with the task id given by the caller.
+
+The rule itself (`StepRule`) only decides which state, action and reward go into which transition; it
+carries them as opaque payloads. `TransitionBuilder` feeds it validated numpy readings (the nodes, the
+per-message bag reader); the bulk bag decoder (mql_ros.archive.columnar) feeds it row numbers of arrays it
+decoded in one go and gathers the arrays afterwards. Both therefore follow the same rule, line for line.
 """
 
 from __future__ import annotations
@@ -38,107 +43,167 @@ class Transition:
     next_obs: np.ndarray
 
 
-class TransitionBuilder:
-    """Feed messages in receive (or log-time) order; `on_command` returns the transition it completes."""
+class StepRule:
+    """The step rule on opaque payloads: a state payload per arm/gripper reading, an action payload per
+    joined command, a reward payload per reward. Observations come out as (arm, gripper) payload pairs.
 
-    def __init__(self, robot: RobotSpec, task_id: str = "", episode_gap_s: float = 1.0) -> None:
+    Each `on_*` method first checks that time does not go backwards (InputError, the message is skipped),
+    then applies the rule; IncompleteStep means a step was cut at a boundary and is dropped.
+    """
+
+    def __init__(self, task_id: str = "", episode_gap_s: float = 1.0) -> None:
         if not episode_gap_s > 0:
             raise InputError(f"episode_gap_s must be > 0, got {episode_gap_s}")
-        self.robot = robot
         self.default_task_id = task_id
         self.episode_gap_ns = int(episode_gap_s * 1e9)
         self.task_id = task_id
-        self._arm: tuple[np.ndarray, np.ndarray] | None = None
-        self._grip: tuple[np.ndarray, np.ndarray] | None = None
-        self._reward: tuple[int, float] | None = None
-        self._pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (stamp, s_k, a_k) awaiting r_k
-        self._last_stamp = -1
-        self.finished: list[Episode] = []  # episodes ended by a time gap, for the caller to take
-        self._observations: list[np.ndarray] = []
-        self._actions: list[np.ndarray] = []
-        self._rewards: list[float] = []
+        self.arm = self.grip = None  # latest state payloads of this episode
+        self.reward = None  # latest (stamp, reward payload) of this episode
+        self.pending = None  # (stamp, s_k, a_k) awaiting r_k and s_{k+1}
+        self.last_stamp = -1
+        self.finished: list[tuple] = []  # episodes ended by a time gap, for the caller to take
+        self.observations: list = []
+        self.actions: list = []
+        self.rewards: list = []
 
-    # ------------------------------------------------------------------ message handlers
-    def on_joint_state(self, stamp_ns: int, names, positions, velocities) -> None:
-        self._advance(stamp_ns)
-        self._arm = self._read_state(names, positions, velocities, self.robot.arm_joints, "arm joint state")
+    def advance(self, stamp_ns: int) -> None:
+        if stamp_ns < self.last_stamp:
+            raise InputError(f"time went backwards: {stamp_ns} ns after {self.last_stamp} ns")
+        self.last_stamp = stamp_ns
 
-    def on_gripper_state(self, stamp_ns: int, names, positions, velocities) -> None:
-        self._advance(stamp_ns)
-        self._grip = self._read_state(names, positions, velocities, self.robot.gripper_joints,
-                                      "gripper joint state")
-
-    def on_reward(self, stamp_ns: int, value: float) -> None:
-        value = float(value)
-        if not np.isfinite(value):
-            raise InputError(f"reward is not finite: {value}")
-        self._advance(stamp_ns)
-        self._reward = (stamp_ns, value)
-
-    def on_episode(self, stamp_ns: int, event_json: str) -> Transition | None:
+    def on_episode(self, stamp_ns: int, event_json: str):
         """A start event opens an episode of its task (dropping an unfinished one); an end event completes
-        the last pending transition. Returns that transition, if any."""
+        the last pending transition. Returns that transition's (task, s, a, r, s'), if any."""
         try:
             event = json.loads(event_json)
         except (json.JSONDecodeError, TypeError) as exc:
             raise InputError(f"episode event is not JSON: {exc}") from exc
         if not isinstance(event, dict) or event.get("event") not in ("start", "end"):
             raise InputError(f"episode event needs \"event\": \"start\" or \"end\", got {event_json!r}")
-        self._advance(stamp_ns)
+        self.advance(stamp_ns)
         if event["event"] == "start":  # state and reward from before it belong to the last episode
-            self._clear_episode()
-            self._arm = self._grip = self._reward = None
+            self.clear_episode()
+            self.arm = self.grip = self.reward = None
             self.task_id = str(event.get("task_id") or self.default_task_id)
             return None
-        return self._complete(stamp_ns)
+        return self.complete()
 
-    def on_command(self, stamp_ns: int, arm_cmd, grip_cmd) -> Transition | None:
-        """Command k: completes transition k-1 (returned) and opens transition k."""
-        self._advance(stamp_ns)
-        action = self.robot.commands_to_action(arm_cmd, grip_cmd)
+    def on_command(self, stamp_ns: int, action):
+        """Command k (already advanced past and turned into an action payload): completes transition k-1
+        (returned as (task, s, a, r, s')) and opens transition k."""
         done = None
-        if self._pending is not None:
-            if stamp_ns - self._pending[0] > self.episode_gap_ns:  # a plain recording: the gap ends it
-                self._complete(stamp_ns)
+        if self.pending is not None:
+            if stamp_ns - self.pending[0] > self.episode_gap_ns:  # a plain recording: the gap ends it
+                self.complete()
                 episode = self.finish_episode()
                 if episode is not None:
                     self.finished.append(episode)
             else:
-                done = self._complete(stamp_ns)
-        self._pending = (stamp_ns, self._state("command"), action)
+                done = self.complete()
+        self.pending = (stamp_ns, self.state("command"), action)
         return done
+
+    def finish_episode(self) -> tuple | None:
+        """(task, observations, actions, rewards) collected so far (None without a complete transition);
+        starts a new episode."""
+        episode = None
+        if self.actions:
+            episode = (self.task_id, self.observations, self.actions, self.rewards)
+        self.clear_episode()
+        return episode
+
+    def complete(self):
+        """Close the pending transition with the reward received after its command and the state now."""
+        if self.pending is None:
+            return None
+        _, obs, action = self.pending
+        self.pending = None
+        if self.reward is None:
+            raise IncompleteStep("no reward received in this episode yet: the step is dropped")
+        next_obs = self.state("next state")
+        if not self.observations:
+            self.observations.append(obs)
+        self.observations.append(next_obs)
+        self.actions.append(action)
+        self.rewards.append(self.reward[1])
+        return self.task_id, obs, action, self.reward[1], next_obs
+
+    def state(self, what: str) -> tuple:
+        if self.arm is None or self.grip is None:
+            missing = "arm" if self.arm is None else "gripper"
+            raise IncompleteStep(f"{what}: no {missing} joint state received in this episode yet")
+        return self.arm, self.grip
+
+    def clear_episode(self) -> None:
+        self.pending = None
+        self.observations, self.actions, self.rewards = [], [], []
+
+
+class TransitionBuilder:
+    """Feed messages in receive (or log-time) order; `on_command` returns the transition it completes."""
+
+    def __init__(self, robot: RobotSpec, task_id: str = "", episode_gap_s: float = 1.0) -> None:
+        self.robot = robot
+        self.rule = StepRule(task_id, episode_gap_s)
+
+    @property
+    def task_id(self) -> str:
+        return self.rule.task_id
+
+    @property
+    def finished(self) -> list[Episode]:
+        """Episodes ended by a time gap so far."""
+        return [self._episode(raw) for raw in self.rule.finished]
+
+    # ------------------------------------------------------------------ message handlers
+    def on_joint_state(self, stamp_ns: int, names, positions, velocities) -> None:
+        self.rule.advance(stamp_ns)
+        self.rule.arm = self._read_state(names, positions, velocities, self.robot.arm_joints, "arm joint state")
+
+    def on_gripper_state(self, stamp_ns: int, names, positions, velocities) -> None:
+        self.rule.advance(stamp_ns)
+        self.rule.grip = self._read_state(names, positions, velocities, self.robot.gripper_joints,
+                                          "gripper joint state")
+
+    def on_reward(self, stamp_ns: int, value: float) -> None:
+        value = float(value)
+        if not np.isfinite(value):
+            raise InputError(f"reward is not finite: {value}")
+        self.rule.advance(stamp_ns)
+        self.rule.reward = (stamp_ns, value)
+
+    def on_episode(self, stamp_ns: int, event_json: str) -> Transition | None:
+        """A start event opens an episode of its task (dropping an unfinished one); an end event completes
+        the last pending transition. Returns that transition, if any."""
+        return self._transition(self.rule.on_episode(stamp_ns, event_json))
+
+    def on_command(self, stamp_ns: int, arm_cmd, grip_cmd) -> Transition | None:
+        """Command k: completes transition k-1 (returned) and opens transition k."""
+        self.rule.advance(stamp_ns)
+        action = self.robot.commands_to_action(arm_cmd, grip_cmd)
+        return self._transition(self.rule.on_command(stamp_ns, action))
 
     def finish_episode(self) -> Episode | None:
         """The episode collected so far (None if it has no complete transition); starts a new one."""
-        episode = None
-        if self._actions:
-            episode = Episode(self.task_id, np.asarray(self._observations), np.asarray(self._actions),
-                              np.asarray(self._rewards))
-        self._clear_episode()
-        return episode
+        return self._episode(self.rule.finish_episode())
 
-    # ------------------------------------------------------------------ the rule
-    def _complete(self, stamp_ns: int) -> Transition | None:
-        """Close the pending transition with the reward received after its command and the state now."""
-        if self._pending is None:
+    # ------------------------------------------------------------------ payloads -> arrays
+    def _obs(self, pair) -> np.ndarray:
+        (arm_pos, arm_vel), (grip_pos, grip_vel) = pair
+        return self.robot.observation(arm_pos, arm_vel, grip_pos, grip_vel)
+
+    def _transition(self, done) -> Transition | None:
+        if done is None:
             return None
-        _, obs, action = self._pending
-        self._pending = None
-        if self._reward is None:
-            raise IncompleteStep("no reward received in this episode yet: the step is dropped")
-        next_obs = self._state("next state")
-        if not self._observations:
-            self._observations.append(obs)
-        self._observations.append(next_obs)
-        self._actions.append(action)
-        self._rewards.append(self._reward[1])
-        return Transition(self.task_id, obs, action, self._reward[1], next_obs)
+        task, obs, action, reward, next_obs = done
+        return Transition(task, self._obs(obs), action, reward, self._obs(next_obs))
 
-    def _state(self, what: str) -> np.ndarray:
-        if self._arm is None or self._grip is None:
-            missing = "arm" if self._arm is None else "gripper"
-            raise IncompleteStep(f"{what}: no {missing} joint state received in this episode yet")
-        return self.robot.observation(self._arm[0], self._arm[1], self._grip[0], self._grip[1])
+    def _episode(self, raw) -> Episode | None:
+        if raw is None:
+            return None
+        task, observations, actions, rewards = raw
+        return Episode(task, np.asarray([self._obs(o) for o in observations]), np.asarray(actions),
+                       np.asarray(rewards))
 
     def _read_state(self, names, positions, velocities, joints, what) -> tuple[np.ndarray, np.ndarray]:
         pos = self.robot.order_joint_state(names, positions, joints, what + " positions")
@@ -149,11 +214,3 @@ class TransitionBuilder:
             raise InputError(f"{what}: NaN or inf in {pos.tolist()} / {vel.tolist()}")
         return pos, vel
 
-    def _advance(self, stamp_ns: int) -> None:
-        if stamp_ns < self._last_stamp:
-            raise InputError(f"time went backwards: {stamp_ns} ns after {self._last_stamp} ns")
-        self._last_stamp = stamp_ns
-
-    def _clear_episode(self) -> None:
-        self._pending = None
-        self._observations, self._actions, self._rewards = [], [], []

@@ -11,6 +11,7 @@ meta-trained checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,9 @@ class AdaptationNode(Node):
         self.replay_dir = str(Path(self.replay_dir).expanduser()) if self.replay_dir else ""
         self.output_dir = Path(declare(self, "output_dir", "/tmp/mql_ros/adapted",
                                        "where adapted checkpoints are written")).expanduser()
+        episodes_dir = declare(self, "episodes_dir", "", "directory each completed new-task episode is saved to "
+                               "(<task>_<n>.npz, exactly what adaptation trains on); empty: not saved")
+        self.episodes_dir = Path(episodes_dir).expanduser() if episodes_dir else None
         self.min_new = declare(self, "min_new_transitions", 0, "adapt automatically once this many new-task "
                                "transitions were collected (0: only on /mql/adapt)", 0, 10_000_000)
         self.held_out = declare(self, "held_out_episodes", 1, "newest new-task episodes kept out of "
@@ -184,6 +188,13 @@ class AdaptationNode(Node):
                 self.task_id, self.new_episodes = episode.task_id, []
             self.new_episodes.append(episode)
             n = sum(len(e) for e in self.new_episodes)
+            count = len(self.new_episodes)
+        if self.episodes_dir is not None:
+            try:
+                self.episodes_dir.mkdir(parents=True, exist_ok=True)
+                episode.save(self.episodes_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', episode.task_id)}_{count:05d}.npz")
+            except OSError as exc:  # losing the audit copy must not stop collection
+                self.diag.reject("save_episode", f"cannot save episode to {self.episodes_dir}: {exc}")
         self.diag.values.update({"task_id": self.task_id, "new_episodes": len(self.new_episodes),
                                  "new_transitions": n})
         if self.min_new and n >= self.min_new and not self._busy():
