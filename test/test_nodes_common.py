@@ -1,4 +1,4 @@
-"""The shared node plumbing without processes: command pairing and JointState decoding."""
+"""The shared node plumbing without processes: command pairing and JointState decoding (core.safety)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from sensor_msgs.msg import JointState  # noqa: E402
 
 from mql_ros.core.errors import InputError  # noqa: E402
 from mql_ros.core.robot import RobotSpec  # noqa: E402
-from mql_ros.nodes.common import CommandPair, decode_joint_state  # noqa: E402
+from mql_ros.core.safety import read_joint_state  # noqa: E402
+from mql_ros.nodes.common import CommandPair  # noqa: E402
 
 ROBOT = RobotSpec.from_urdf()
 
@@ -38,7 +39,7 @@ def test_command_pair_replaces_a_pending_command_whose_partner_was_lost():
 def test_decode_joint_state_matches_by_name_not_index():
     names = list(ROBOT.arm_joints)[::-1] + ["some_other_joint"]
     msg = JointState(name=names, position=[4.0, 3.0, 2.0, 1.0, 9.0], velocity=[0.4, 0.3, 0.2, 0.1, 9.0])
-    pos, vel = decode_joint_state(ROBOT, msg, ROBOT.arm_joints, "joint state")
+    pos, vel = read_joint_state(ROBOT, msg.name, msg.position, msg.velocity, ROBOT.arm_joints, "joint state")
     assert pos.tolist() == [1.0, 2.0, 3.0, 4.0] and vel.tolist() == [0.1, 0.2, 0.3, 0.4]
 
 
@@ -58,4 +59,4 @@ def test_decode_joint_state_rejects_bad_messages_naming_the_problem(case, match)
     else:
         names[1] = names[0]
     with pytest.raises(InputError, match=match):
-        decode_joint_state(ROBOT, JointState(name=names, position=pos, velocity=vel), ROBOT.arm_joints, "state")
+        read_joint_state(ROBOT, names, pos, vel, ROBOT.arm_joints, "state")

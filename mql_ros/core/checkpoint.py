@@ -94,7 +94,8 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        raise fail(f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        first_line = (str(e).splitlines() or [""])[0][:200]  # an empty file raises EOFError with no text
+        raise fail(f"not a readable checkpoint ({type(e).__name__}: {first_line})") from e
     if not isinstance(payload, dict):
         raise fail(f"not a checkpoint (top level is {type(payload).__name__})")
     missing = [k for k in _KEYS if k not in payload]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import Trigger
@@ -89,6 +90,7 @@ class AdaptationNode(Node):
         self._worker: threading.Thread | None = None
         self._replay: MultiTaskReplay | None = None
         self._runs = 0
+        self._started_ns = time.time_ns()  # DDS source timestamps are on the system clock
         self.recorder = None
         if self.archive_dir:  # imported only when used: a node without recording needs no bag libraries
             from mql_ros.archive import ArchiveRecorder
@@ -163,15 +165,16 @@ class AdaptationNode(Node):
         self._feed("command", lambda: self.recorder.record_command(topic, t, values),
                    lambda: None if step is None else self.builder.on_command(self._stamp(), *step[1:]))
 
-    def _on_episode(self, msg: String) -> None:
+    def _on_episode(self, msg: String, info: MessageInfo) -> None:
+        if info["source_timestamp"] < self._started_ns and _event(msg.data) == "end":
+            # Latched history from before this node started (a restart): its episodes were not recorded
+            # here, and recording their ends would split the episode in progress into empty bags. History
+            # starts are kept: the latest tells which episode and task are in progress.
+            return
         t = self._stamp()
         self._feed("episode", lambda: self.recorder.record_episode(t, msg.data),
                    lambda: self.builder.on_episode(self._stamp(), msg.data))
-        try:
-            event = json.loads(msg.data)
-        except json.JSONDecodeError:
-            return  # already rejected by the step rule
-        if not isinstance(event, dict) or event.get("event") != "end":
+        if _event(msg.data) != "end":
             return
         with self._lock:
             episode = self.builder.finish_episode()
@@ -275,6 +278,15 @@ class AdaptationNode(Node):
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+
+
+def _event(data: str) -> str | None:
+    """The "event" of an episode message, None if it is malformed (the step rule then says why)."""
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError:
+        return None
+    return event.get("event") if isinstance(event, dict) else None
 
 
 def main(args: list[str] | None = None) -> int:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.exceptions import InvalidParameterValueException
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -26,7 +27,6 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import JointState
 
 from mql_ros.core.errors import CheckpointError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import share_file
@@ -77,6 +77,13 @@ def declare(node: Node, name: str, default, description: str, lo: float | None =
         value = node.declare_parameter(name, default, desc).value
     except InvalidParameterValueException as exc:
         raise ConfigError(f"{node.get_name()}: parameter {name} is out of range [{lo}, {hi}]: {exc}") from exc
+    except InvalidParameterTypeException as exc:
+        raise ConfigError(f"{node.get_name()}: parameter {name} has the wrong type: {exc}") from exc
+    # An empty list in YAML or on the command line reaches rclpy as "not set": refuse it rather than
+    # silently falling back to the default (rclpy has no public accessor for the overrides).
+    if value is None and name in node._parameter_overrides:
+        raise ConfigError(f"{node.get_name()}: parameter {name} is set but empty; give at least one value "
+                          f"or leave it unset")
     if isinstance(value, float) and not np.isfinite(value):
         raise ConfigError(f"{node.get_name()}: parameter {name} must be finite, got {value}")
     if choices is not None and value not in choices:
@@ -92,7 +99,10 @@ def declare_robot(node: Node) -> RobotSpec:
                   "arm joint names in command order; unset: the URDF's non-finger movable joints")
     grip = declare(node, "gripper_joints", Parameter.Type.STRING_ARRAY,
                    "gripper joint names; unset: the URDF's movable joints named *finger*")
-    return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
+    try:
+        return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
+    except ET.ParseError as exc:
+        raise ConfigError(f"{node.get_name()}: robot_description is not valid URDF XML: {exc}") from exc
 
 
 def checkpoint_path(value: str) -> str:
@@ -103,18 +113,6 @@ def checkpoint_path(value: str) -> str:
 def stamp_ns(msg) -> int:
     """A header stamp in integer nanoseconds."""
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
-def decode_joint_state(spec: RobotSpec, msg: JointState, joints: tuple[str, ...], what: str
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, velocities) of `joints` from a JointState, matched by name; InputError on NaN or gaps."""
-    pos = spec.order_joint_state(msg.name, msg.position, joints, f"{what} position")
-    if len(msg.velocity) == 0:
-        raise InputError(f"{what}: no velocities (the observation needs them)")
-    vel = spec.order_joint_state(msg.name, msg.velocity, joints, f"{what} velocity")
-    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
-        raise InputError(f"{what}: contains NaN or inf: position {pos.tolist()} velocity {vel.tolist()}")
-    return pos, vel
 
 
 class CommandPair:

@@ -21,6 +21,7 @@ from std_srvs.srv import Trigger
 
 from mql_ros.core.errors import CheckpointError, InputError, MQLError
 from mql_ros.core.runtime import DeployedPolicy
+from mql_ros.core.safety import accept_update, parse_update
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
@@ -53,6 +54,7 @@ class ContextEncoderNode(Node):
         self._lock = threading.Lock()
         self.encoder = self.policy.new_context()
         self.builder = TransitionBuilder(self.robot)
+        self._last_stamp = 0
         self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
         self._commands = CommandPair()
         self._published = 0
@@ -76,24 +78,34 @@ class ContextEncoderNode(Node):
         """Feed one message to the builder; a malformed one is rejected and reported, never fatal."""
         try:
             with self._lock:
-                return feed()
+                return feed(self._stamp())
         except (MQLError, ValueError) as exc:  # malformed input: reported, never fatal
             self.diag.reject(what, str(exc))
             return None
 
     def _stamp(self) -> int:
-        return self.get_clock().now().nanoseconds
+        """The node clock now. If it went back (simulated time reset), the history belongs to another
+        timeline: the step rule and the context restart rather than refusing every message until the clock
+        catches up. Called with the lock held."""
+        now = self.get_clock().now().nanoseconds
+        if now < self._last_stamp:
+            self.diag.reject("time", f"clock went back from {self._last_stamp} to {now} ns: history cleared")
+            self.builder = TransitionBuilder(self.robot)
+            self.encoder.reset()
+            self._steps.clear()
+        self._last_stamp = now
+        return now
 
     def _on_arm_state(self, msg: JointState) -> None:
-        self._guard("joint_state", lambda: self.builder.on_joint_state(
-            self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)))
+        self._guard("joint_state", lambda t: self.builder.on_joint_state(
+            t, list(msg.name), list(msg.position), list(msg.velocity)))
 
     def _on_gripper_state(self, msg: JointState) -> None:
-        self._guard("gripper_state", lambda: self.builder.on_gripper_state(
-            self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)))
+        self._guard("gripper_state", lambda t: self.builder.on_gripper_state(
+            t, list(msg.name), list(msg.position), list(msg.velocity)))
 
     def _on_reward(self, msg: Float64) -> None:
-        self._guard("reward", lambda: self.builder.on_reward(self._stamp(), float(msg.data)))
+        self._guard("reward", lambda t: self.builder.on_reward(t, float(msg.data)))
 
     def _on_episode(self, msg: String) -> None:
         try:
@@ -101,7 +113,7 @@ class ContextEncoderNode(Node):
         except json.JSONDecodeError as exc:
             self.diag.reject("episode", f"not JSON: {exc}")
             return
-        self._guard("episode", lambda: self.builder.on_episode(self._stamp(), msg.data))
+        self._guard("episode", lambda t: self.builder.on_episode(t, msg.data))
         if isinstance(event, dict) and event.get("event") == "start":
             self.reset(f"episode start ({event.get('task_id', '?')})")
 
@@ -118,7 +130,7 @@ class ContextEncoderNode(Node):
             return
         # Stamped again inside the guarded section: another callback may have fed a newer message between
         # the two locked sections, and the step rule refuses time going backwards.
-        transition = self._guard("command", lambda: self.builder.on_command(self._stamp(), step[1], step[2]))
+        transition = self._guard("command", lambda t: self.builder.on_command(t, step[1], step[2]))
         if transition is not None:
             self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward))
 
@@ -149,16 +161,13 @@ class ContextEncoderNode(Node):
         return response
 
     def _on_policy_update(self, msg: String) -> None:
+        """Follow the policy node: the same validation, so both switch to an update or neither does."""
         try:
-            update = json.loads(msg.data)
-            path, sha = str(update["path"]), str(update["sha256"])
+            path, sha = parse_update(msg.data)
             if sha == self.policy.sha256:
                 return
-            candidate = DeployedPolicy.from_checkpoint(path, self.robot)
-            if candidate.sha256 != sha:
-                raise CheckpointError(f"checkpoint {path}: sha256 is {candidate.sha256}, "
-                                      f"the update said {sha}")
-        except (json.JSONDecodeError, KeyError, TypeError, CheckpointError, InputError) as exc:
+            candidate = accept_update(path, sha, self.policy, self.robot)
+        except (CheckpointError, InputError, ValueError) as exc:
             self.diag.reject("policy_update", f"kept checkpoint {self.policy.sha256[:12]}: {exc}")
             return
         with self._lock:

@@ -1,0 +1,203 @@
+"""Property tests of the policy node's safety rules (mql_ros.core.safety, the code the node runs each tick).
+
+Arbitrary floats, NaN and inf for every input and for the actor's weights (built straight into a
+DeployedPolicy, past the checkpoint validation that would refuse them), arbitrary arrival and tick times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mql_ros.core.checkpoint import Checkpoint, save_checkpoint
+from mql_ros.core.config import load_config
+from mql_ros.core.errors import CheckpointError, InputError
+from mql_ros.core.robot import RobotSpec
+from mql_ros.core.runtime import DeployedPolicy
+from mql_ros.core.safety import CommandGuard, SafetyLimits, accept_update, parse_update
+from mql_ros.core.td3 import TD3Context
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning")
+torch.set_num_threads(1)
+ROBOT = RobotSpec.from_urdf()
+CFG = load_config(overrides={"hidden_sizes": [8], "context_dim": 3, "history_len": 5, "batch_size": 8})
+AGENT = TD3Context(CFG, ROBOT.obs_dim, ROBOT.act_dim, seed=0)
+WEIGHTS = AGENT.state_dict()
+ACTOR_KEYS = [k for k in WEIGHTS["nets"] if k.startswith("actor.net.")]
+LO, HI = ROBOT.command_lower, ROBOT.command_upper
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+any_float = st.floats(allow_nan=True, allow_infinity=True, width=32)
+big_float = st.one_of(any_float, st.sampled_from([1e30, -1e30, 3e38, np.nan, np.inf, -np.inf]))
+
+
+def floats(n: int):
+    return st.lists(st.one_of(st.floats(-3.0, 3.0), big_float), min_size=n, max_size=n)
+
+
+@st.composite
+def actor_weights(draw) -> dict:
+    """The actor's tensors: either the trained-from-scratch values scaled by a drawn factor, or drawn outright
+    (NaN, inf, huge values included)."""
+    nets = dict(WEIGHTS["nets"])
+    for key in ACTOR_KEYS:
+        shape = tuple(nets[key].shape)
+        if draw(st.booleans()):
+            scale = draw(st.one_of(st.floats(-1e6, 1e6), big_float))
+            nets[key] = nets[key] * scale
+        else:
+            nets[key] = torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=big_float)))
+    return {**WEIGHTS, "nets": nets}
+
+
+def deployed(weights: dict) -> DeployedPolicy:
+    return DeployedPolicy(Checkpoint(CFG, ROBOT.obs_dim, ROBOT.act_dim, "test", ROBOT, weights))
+
+
+tick = st.fixed_dictionaries({
+    "arm_q": floats(4), "arm_dq": floats(4), "grip_q": floats(2), "grip_dq": floats(2), "context": floats(3),
+    "dt": st.floats(0.0, 0.5)})
+
+
+@SETTINGS
+@given(weights=actor_weights(), ticks=st.lists(tick, min_size=1, max_size=8),
+       arm_step=st.floats(1e-4, 10.0), grip_step=st.floats(1e-5, 1.0))
+def test_every_command_is_finite_within_joint_limits_and_the_rate_limit_for_any_input_and_weights(
+        weights, ticks, arm_step, grip_step):
+    policy = deployed(weights)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, arm_step, grip_step))
+    step = np.array([arm_step] * 4 + [grip_step])
+    now, previous, measured = 0.0, None, None
+    for t in ticks:
+        now += t["dt"]
+        for which, q, dq in (("arm", t["arm_q"], t["arm_dq"]), ("gripper", t["grip_q"], t["grip_dq"])):
+            try:
+                guard.set_joint_state(which, ROBOT.arm_joints if which == "arm" else ROBOT.gripper_joints,
+                                      q, dq, now)
+            except InputError:
+                pass
+        try:
+            guard.set_context(t["context"], policy.context_dim, now)
+        except InputError:
+            pass
+        if guard.arm.value is not None and guard.gripper.value is not None:
+            measured = np.clip(np.concatenate([guard.arm.value[0], guard.gripper.value[0][:1]]), LO, HI)
+        command = guard.command(now, policy)
+        if command is None:
+            assert measured is None, "a valid state was received, so there is a safe target"
+            continue
+        c = np.concatenate([command.arm, command.gripper])
+        assert c.shape == (5,) and np.all(np.isfinite(c))
+        assert np.all(c >= LO) and np.all(c <= HI)
+        if command.hold:
+            np.testing.assert_array_equal(c, measured)  # holding = the last valid measured positions
+        else:
+            ref = previous if previous is not None else measured
+            assert np.all(np.abs(c - ref) <= step * (1 + 1e-9) + 1e-12), (c, ref, step)
+        previous = c
+
+
+@SETTINGS
+@given(events=st.lists(st.tuples(st.sampled_from(["arm", "gripper", "context", "tick"]), st.floats(0.0, 0.4)),
+                       min_size=1, max_size=30),
+       state_timeout=st.floats(0.01, 0.3), context_timeout=st.floats(0.01, 0.3))
+def test_the_policy_acts_only_on_fresh_state_and_context_and_holds_until_fresh_state_returns(
+        events, state_timeout, context_timeout):
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(state_timeout, context_timeout, 10.0, 1.0))
+    arrived = {"arm": -np.inf, "gripper": -np.inf, "context": -np.inf}
+    held_positions = None
+    now = 0.0
+    for kind, dt in events:
+        now += dt
+        if kind == "arm":
+            guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, now)
+        elif kind == "gripper":
+            guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], now)
+        elif kind == "context":
+            guard.set_context(np.full(3, 0.5), 3, now)
+        else:
+            command = guard.command(now, policy)
+            fresh = (now - arrived["arm"] <= state_timeout and now - arrived["gripper"] <= state_timeout
+                     and now - arrived["context"] <= context_timeout)
+            if command is None:
+                assert arrived["arm"] == -np.inf or arrived["gripper"] == -np.inf
+                continue
+            assert bool(command.hold) == (not fresh), (command.hold, now, arrived)
+            if command.hold:
+                c = np.concatenate([command.arm, command.gripper])
+                if held_positions is not None:  # no newer state: the same hold target, tick after tick
+                    np.testing.assert_array_equal(c, held_positions)
+                held_positions = c
+            continue
+        arrived[kind] = now
+        if kind != "context":
+            held_positions = None
+
+
+def test_a_hold_request_holds_even_with_fresh_inputs():
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.0)
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 0.0)
+    guard.set_context(np.zeros(3), 3, 0.0)
+    assert guard.command(0.0, policy).hold == ""
+    guard.hold_requested = True
+    assert "mql/hold" in guard.command(0.0, policy).hold
+
+
+# ----------------------------------------------------------------------------- policy updates
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("updates")
+    out = {}
+    for name, seed in (("running", 0), ("candidate", 1)):
+        path = d / f"{name}.pt"
+        out[name] = (path, save_checkpoint(path, TD3Context(CFG, ROBOT.obs_dim, ROBOT.act_dim, seed=seed),
+                                           "test", ROBOT))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("flip"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("wrong_sha"), st.just(0.0)),
+    st.tuples(st.just("intact"), st.just(0.0))))
+@example(damage=("truncate", 0.0))  # an empty file (torch raises an EOFError without a message)
+def test_an_update_is_taken_only_if_it_validates_and_matches_its_hash(checkpoints, tmp_path, damage):
+    running = DeployedPolicy.from_checkpoint(checkpoints["running"][0], ROBOT)
+    good_path, good_sha = checkpoints["candidate"]
+    data = bytearray(good_path.read_bytes())
+    kind, where = damage
+    sha = good_sha
+    if kind == "truncate":
+        data = data[: int(where * len(data))]
+    elif kind == "flip":
+        data[int(where * len(data))] ^= 0xFF
+    elif kind == "wrong_sha":
+        sha = "0" * 64
+    path = tmp_path / f"update_{hashlib.sha256(bytes(data)).hexdigest()[:8]}.pt"
+    path.write_bytes(bytes(data))
+    try:
+        taken = accept_update(path, sha, running, ROBOT)
+    except (CheckpointError, InputError):
+        assert kind != "intact", "an intact update with its hash must be accepted"
+        return
+    # Accepted: it is exactly the file the message named, and it loads and validates on its own.
+    assert taken.sha256 == sha == hashlib.sha256(bytes(data)).hexdigest()
+    assert DeployedPolicy.from_checkpoint(path, ROBOT).sha256 == sha
+
+
+@pytest.mark.parametrize("data", ["not json", "[1, 2]", '{"path": "x.pt"}', '{"sha256": "ab"}',
+                                  '{"path": "", "sha256": "ab"}', '{"path": 3, "sha256": "ab"}'])
+def test_a_malformed_update_message_is_an_input_error_naming_it(data):
+    with pytest.raises(InputError, match="path and sha256"):
+        parse_update(data)
