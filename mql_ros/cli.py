@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--out", help="export: .npz file to write")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint", help="read the bags with this checkpoint's encoding (default: the package arm)")
+    _family_arg(p, required=False)
 
     p = sub.add_parser("demo", help="adapt the shipped checkpoint to held-out tasks; compare with fine-tuning")
     p.add_argument("--checkpoint", help="default: the shipped checkpoints/arm_reach.pt")
@@ -113,16 +115,16 @@ def cmd_train(args) -> int:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     cfg = load_config(args.config)
     family = resolve_family(args.family)
-    recorder = _archive_writer(args.archive, family) if args.archive else None
+    encoding = _family_encoding(family)
+    recorder = _archive_writer(args.archive, family, encoding) if args.archive else None
     try:
         agent, curve = meta_train(family, cfg, args.steps, seed=args.seed, progress=not args.no_progress,
                                   on_episode=recorder.add if recorder else None)
     finally:
         if recorder is not None:
             recorder.close()
-    robot = _family_robot(family)
     out = Path(args.out)
-    sha = save_checkpoint(out, agent, args.family, robot,
+    sha = save_checkpoint(out, agent, args.family, encoding,
                           extra={"curve": curve, "steps": args.steps, "seed": args.seed,
                                  "command": "mql-ros " + " ".join(sys.argv[1:])})
     png = plots.learning_curve(curve, out.with_suffix(".png"), f"meta-training on {family.name}")
@@ -166,20 +168,22 @@ def cmd_eval(args) -> int:
 def cmd_adapt(args) -> int:
     from mql_ros import plots
     from mql_ros.core.adaptation import adapt
-    from mql_ros.core.checkpoint import save_checkpoint
+    from mql_ros.core.checkpoint import bag_encoding, save_checkpoint
     from mql_ros.core.errors import InputError
     from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
     from mql_ros.core.training import collect_new_task_data
 
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
-    family = resolve_family(args.family or ckpt.family)
-    archive = (_archive_replay(args.archive, agent, ckpt.robot) if args.archive
+    encoding = bag_encoding(ckpt)
+    # with --bags and --archive everything comes from recorded data: the family is not even imported
+    family = None if args.bags and args.archive else resolve_family(args.family or ckpt.family)
+    archive = (_archive_replay(args.archive, agent, encoding) if args.archive
                else _load_or_roll_archive(None, agent, family, args.seed))
     if args.bags:
         from mql_ros.archive import load_episodes
 
-        new = load_episodes(args.bags, robot=ckpt.robot, task_id=args.task_id)
+        new = load_episodes(args.bags, robot=encoding, task_id=args.task_id)
         source = f"bags {' '.join(args.bags)}"
     else:
         tasks = split_tasks(family, args.split)
@@ -193,7 +197,7 @@ def cmd_adapt(args) -> int:
         raise InputError(f"no new-task transitions in {source}")
     report = adapt(agent, new, archive, cfg, seed=args.seed)
     out = Path(args.out)
-    sha = save_checkpoint(out, agent, ckpt.family, ckpt.robot,
+    sha = save_checkpoint(out, agent, ckpt.family, encoding,
                           extra={"adapted_from": ckpt.sha256, "source": source, "report": report.to_dict()})
     lines = [f"adapted {args.checkpoint} -> {out} (sha256 {sha[:12]})", f"new-task data: {source}",
              f"new transitions: {report.n_new}, archived transitions: {report.n_archive}",
@@ -212,19 +216,26 @@ def cmd_adapt(args) -> int:
 
 def cmd_archive(args) -> int:
     from mql_ros import archive
+    from mql_ros.core.checkpoint import bag_encoding, load_checkpoint
+    from mql_ros.core.tasks import resolve_family
 
+    if args.checkpoint and args.family:
+        print("mql-ros archive: give --checkpoint or --family, not both", file=sys.stderr)
+        return 2
+    encoding = (bag_encoding(load_checkpoint(args.checkpoint)) if args.checkpoint
+                else _family_encoding(resolve_family(args.family)) if args.family else None)
     if args.action == "info":
-        info = archive.archive_info(args.dir)
+        info = archive.archive_info(args.dir, encoding)
         print(json.dumps(info, indent=None if args.json else 2, default=str))
         return 0
     if args.action == "verify":
-        report = archive.verify_archive(args.dir)
-        print(report.summary() if hasattr(report, "summary") else report)
+        report = archive.verify_archive(args.dir, encoding)
+        print(report.summary())
         return 0 if report.ok else 2
     if not args.out:
         print("mql-ros archive export: --out FILE.npz is required", file=sys.stderr)
         return 2
-    path = archive.export_archive(args.dir, args.out)
+    path = archive.export_archive(args.dir, args.out, encoding)
     print(f"wrote {path}")
     return 0
 
@@ -312,25 +323,37 @@ def _archive_replay(directory: str, agent, robot):
     return replay
 
 
-def _family_robot(family):
-    return getattr(family.make_env(family.train_tasks()[0]).unwrapped, "robot", None)
+def _family_encoding(family):
+    """How the family's episodes sit on the contract topics: the arm's RobotSpec, else its spaces' BoxSpec."""
+    from mql_ros.core.robot import BoxSpec
+    from mql_ros.core.tasks import make_checked_env, split_tasks
+
+    tasks = split_tasks(family, "train")
+    if not tasks:
+        from mql_ros.core.errors import InputError
+
+        raise InputError(f"family {family.name!r} has no train tasks")
+    env = make_checked_env(family, tasks[0], f"{family.name}/train/0").unwrapped
+    robot = getattr(env, "robot", None)
+    return robot if robot is not None else BoxSpec.from_spaces(env.observation_space, env.action_space,
+                                                                f"family {family.name!r}")
 
 
 def _load_or_roll_archive(directory: str | None, agent, family, seed: int):
     """The archive if given; otherwise per-task snapshots rolled out anew with the meta policy
     (see mql_ros.core.snapshots)."""
     if directory:
-        return _archive_replay(directory, agent, _family_robot(family))
+        return _archive_replay(directory, agent, _family_encoding(family))
     from mql_ros.core.snapshots import rollout_snapshots
 
     return rollout_snapshots(agent, family, episodes_per_task=4, seed=seed)
 
 
-def _archive_writer(directory: str, family):
+def _archive_writer(directory: str, family, encoding):
     from mql_ros.archive import EpisodeArchiveWriter
 
     env = family.make_env(family.train_tasks()[0]).unwrapped
-    return EpisodeArchiveWriter(directory, robot=getattr(env, "robot", None), family=family.name,
+    return EpisodeArchiveWriter(directory, robot=encoding, family=family.name,
                                 control_dt=getattr(env, "control_dt", 0.04))
 
 

@@ -2,7 +2,8 @@
 
 An archive is a directory of bags; each bag holds /joint_states, /gripper/joint_states, the two command
 topics, /mql/reward and /mql/episode with standard message types, so `ros2 bag info/play` accept it.
-Only arm families (with a RobotSpec) are archived for now: their observations are joint states.
+An arm family's observations are its joint states (RobotSpec); any other family with Box spaces is encoded
+on the same topics by its BoxSpec (mql_ros.core.robot), so every family is archived and read back alike.
 """
 
 from mql_ros.archive.bags import (

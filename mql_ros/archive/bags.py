@@ -3,7 +3,8 @@
 Writing: `ArchiveRecorder` takes decoded message values as they arrive (the adaptation node) and starts a
 new bag at every episode end, so a writer killed with SIGKILL loses at most the episode in progress;
 `EpisodeArchiveWriter` turns Episodes (meta-training, `mql-ros train --archive`) into the message stream
-the ROS graph would have produced for them. Reading: every bag's messages in log-time order go through
+the ROS graph would have produced for them: an arm family's through its RobotSpec, any other family's
+through its BoxSpec (observation values as joints obs_i, the normalized action as the arm command). Reading: every bag's messages in log-time order go through
 the shared step rule (mql_ros.core.transitions), so recorded robot data, `ros2 bag record` output and
 archived meta-training data all come back as the same Episodes.
 """
@@ -25,7 +26,7 @@ from rosbags.typesys import Stores, get_typestore
 from mql_ros.archive import columnar
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import ArchiveError, IncompleteStep, InputError
-from mql_ros.core.robot import RobotSpec
+from mql_ros.core.robot import BagEncoding, RobotSpec
 from mql_ros.core.transitions import TransitionBuilder
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
@@ -132,7 +133,7 @@ class ArchiveRecorder:
     control loop carries on. Bags already closed are never touched again.
     """
 
-    def __init__(self, directory: str | Path, robot: RobotSpec | None = None, stem: str = "recording",
+    def __init__(self, directory: str | Path, robot: BagEncoding | None = None, stem: str = "recording",
                  episodes_per_bag: int = 1) -> None:
         if episodes_per_bag < 1:
             raise ArchiveError(f"episodes_per_bag must be >= 1, got {episodes_per_bag}")
@@ -206,11 +207,11 @@ class EpisodeArchiveWriter:
     Time is synthetic: step t at t * control_dt. A SIGKILL loses at most the bag being filled.
     """
 
-    def __init__(self, directory: str | Path, robot: RobotSpec, family: str = "train",
+    def __init__(self, directory: str | Path, robot: BagEncoding, family: str = "train",
                  episodes_per_bag: int = 20, control_dt: float = 0.04) -> None:
         if robot is None:
-            raise ArchiveError("the archive encodes arm observations on the joint-state topics: this family "
-                               "has no RobotSpec (generic gymnasium families are not archived yet)")
+            raise ArchiveError("archiving episodes needs their encoding on the topics: a RobotSpec (arm) or "
+                               "a BoxSpec (any family with Box spaces)")
         self.recorder = ArchiveRecorder(directory, robot, stem=family.replace("/", "_"),
                                         episodes_per_bag=episodes_per_bag)
         self.robot = robot
@@ -219,13 +220,14 @@ class EpisodeArchiveWriter:
 
     def add(self, episode: Episode) -> None:
         r, rec = self.robot, self.recorder
-        n, g = r.n_arm, r.n_gripper
+        if (episode.obs_dim, episode.act_dim) != (r.obs_dim, r.act_dim):
+            raise ArchiveError(f"episode {episode.task_id!r} has obs/act dims {episode.obs_dim}/{episode.act_dim}, "
+                               f"the archive's encoding {r.obs_dim}/{r.act_dim}")
 
         def state(t_ns: int, obs: np.ndarray) -> None:
-            obs = obs.astype(np.float64)
-            rec.record_joint_state("/joint_states", t_ns, r.arm_joints, obs[:n], obs[n:2 * n])
-            rec.record_joint_state("/gripper/joint_states", t_ns, r.gripper_joints, obs[2 * n:2 * n + g],
-                                   obs[2 * n + g:])
+            arm_pos, arm_vel, grip_pos, grip_vel = r.split_observation(obs.astype(np.float64))
+            rec.record_joint_state("/joint_states", t_ns, r.arm_joints, arm_pos, arm_vel)
+            rec.record_joint_state("/gripper/joint_states", t_ns, r.gripper_joints, grip_pos, grip_vel)
 
         t0 = self._clock
         rec.record_episode(t0, json.dumps({"event": "start", "task_id": episode.task_id, "task": {}}))
@@ -270,7 +272,7 @@ def bag_dirs(path: str | Path) -> list[Path]:
     return bags
 
 
-def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
+def read_bag(path: str | Path, robot: BagEncoding, task_id: str | None = None,
              episode_gap_s: float = 1.0, cache: bool = True) -> tuple[list[Episode], BagReport]:
     """Episodes of one bag by the shared step rule, and a report of every problem met on the way.
 
@@ -292,6 +294,8 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
         episodes, report = hit
         return episodes, BagReport(**report)
     try:
+        if not isinstance(robot, RobotSpec):  # the bulk decoder knows the arm's layout only
+            raise columnar.Irregular(f"{type(robot).__name__} encoding")
         decoded, counts = columnar.decode_bag(path, robot, TYPESTORE, TOPICS)
     except columnar.Irregular:
         episodes, report = read_bag_per_message(path, robot, task_id, episode_gap_s)
@@ -308,7 +312,7 @@ def read_bag(path: str | Path, robot: RobotSpec, task_id: str | None = None,
     return (hit[0], report) if hit is not None else (episodes, report)
 
 
-def read_bag_per_message(path: str | Path, robot: RobotSpec, task_id: str | None = None,
+def read_bag_per_message(path: str | Path, robot: BagEncoding, task_id: str | None = None,
                          episode_gap_s: float = 1.0) -> tuple[list[Episode], BagReport]:
     """read_bag decoding every message with rosbags (or the mcap stream reader): the reference path."""
     path = Path(path)
@@ -422,13 +426,14 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
             builder.on_command(max(t_arm, t_grip), arm, grip)
 
 
-def load_episodes(paths, robot: RobotSpec, task_id: str | None = None,
+def load_episodes(paths, robot: BagEncoding, task_id: str | None = None,
                   episode_gap_s: float = 1.0, cache: bool = True) -> list[Episode]:
     """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag
     are not silent: an unreadable bag raises ArchiveError naming it; skipped messages are in read_bag's
     report (`mql-ros archive verify`)."""
     if robot is None:
-        raise ArchiveError("reading bags needs the robot's joint names (a checkpoint with a RobotSpec)")
+        raise ArchiveError("reading bags needs their encoding: a RobotSpec (arm joint names) or a BoxSpec "
+                           "(a generic family's dims), e.g. mql_ros.core.checkpoint.bag_encoding(checkpoint)")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: list[Episode] = []
     for p in paths:

@@ -10,7 +10,7 @@ import yaml
 
 from mql_ros.archive.bags import BagReport, bag_dirs, read_bag
 from mql_ros.core.errors import ArchiveError
-from mql_ros.core.robot import RobotSpec
+from mql_ros.core.robot import BagEncoding, RobotSpec
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _check_metadata(bag: Path, report: BagReport) -> None:
             report.problems.append(f"{topic}: metadata.yaml says {counts.get(topic, 0)} messages, read {n}")
 
 
-def verify_archive(directory: str | Path, robot: RobotSpec | None = None) -> VerifyReport:
+def verify_archive(directory: str | Path, robot: BagEncoding | None = None) -> VerifyReport:
     """Read every bag completely; report each problem (never skip one silently)."""
     robot = robot or RobotSpec.from_urdf()
     reports = []
@@ -69,7 +69,7 @@ def verify_archive(directory: str | Path, robot: RobotSpec | None = None) -> Ver
     return VerifyReport(reports)
 
 
-def archive_info(directory: str | Path, robot: RobotSpec | None = None) -> dict:
+def archive_info(directory: str | Path, robot: BagEncoding | None = None) -> dict:
     """Per bag: tasks, episodes, transitions, message counts and problems; totals."""
     report = verify_archive(directory, robot)
     return {"bags": [asdict(b) for b in report.bags],
@@ -79,7 +79,7 @@ def archive_info(directory: str | Path, robot: RobotSpec | None = None) -> dict:
             "problems": sum(len(b.problems) for b in report.bags)}
 
 
-def export_archive(directory: str | Path, out: str | Path, robot: RobotSpec | None = None) -> Path:
+def export_archive(directory: str | Path, out: str | Path, robot: BagEncoding | None = None) -> Path:
     """All transitions as flat arrays in one .npz (task_id, obs, action, reward, next_obs)."""
     from mql_ros.archive.bags import load_episodes
 

@@ -16,7 +16,7 @@ import torch
 
 from mql_ros.core.config import MQLConfig
 from mql_ros.core.errors import CheckpointError, ConfigError, InputError
-from mql_ros.core.robot import RobotSpec
+from mql_ros.core.robot import BagEncoding, BoxSpec, spec_from_dict
 from mql_ros.core.td3 import TD3Context
 
 CHECKPOINT_VERSION = 1
@@ -29,7 +29,7 @@ class Checkpoint:
     obs_dim: int
     act_dim: int
     family: str
-    robot: RobotSpec | None
+    robot: BagEncoding | None  # how its observations and actions sit on the contract topics
     weights: dict
     version: int = CHECKPOINT_VERSION
     sha256: str = ""
@@ -44,7 +44,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, agent: TD3Context, family: str, robot: RobotSpec | None = None,
+def save_checkpoint(path: str | Path, agent: TD3Context, family: str, robot: BagEncoding | None = None,
                     extra: dict | None = None) -> str:
     """Write atomically (temp file in the same directory, then os.replace); return the file's sha256."""
     path = Path(path)
@@ -82,7 +82,7 @@ def _tensors(obj):
 
 
 def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_act_dim: int | None = None,
-                    expect_robot: RobotSpec | None = None) -> Checkpoint:
+                    expect_robot: BagEncoding | None = None) -> Checkpoint:
     """Read and validate a checkpoint; every problem is a CheckpointError naming the file."""
     path = Path(path)
 
@@ -117,7 +117,7 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     robot = None
     if payload["robot"] is not None:
         try:
-            robot = RobotSpec.from_dict(payload["robot"])
+            robot = spec_from_dict(payload["robot"])
         except (InputError, KeyError, TypeError, ValueError) as e:
             raise fail(f"invalid robot spec: {e}") from e
         if (robot.obs_dim, robot.act_dim) != (obs_dim, act_dim):
@@ -126,8 +126,10 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     if expect_robot is not None and robot != expect_robot:
         if robot is None:
             raise fail("holds no robot spec, expected one")
+        if type(robot) is not type(expect_robot):
+            raise fail(f"holds a {type(robot).__name__} ({robot.to_dict()}), expected a {type(expect_robot).__name__}")
         have, want = robot.to_dict(), expect_robot.to_dict()
-        diff = "; ".join(f"{k} {have[k]} (expected {want[k]})" for k in want if have[k] != want[k])
+        diff = "; ".join(f"{k} {have.get(k)} (expected {want[k]})" for k in want if have.get(k) != want[k])
         raise fail(f"built for another robot: {diff}")
     weights = payload["weights"]
     if not isinstance(weights, dict):
@@ -154,3 +156,9 @@ def agent_from_checkpoint(ckpt: Checkpoint) -> TD3Context:
         reason = str(e).splitlines()[0][:300]
         raise CheckpointError(f"weights do not fit the checkpoint's config: {reason}") from e
     return agent
+
+
+def bag_encoding(ckpt: Checkpoint) -> BagEncoding:
+    """How bags of this checkpoint's family encode observations and actions: its spec, or for a checkpoint
+    saved without one (a generic family before specs were stored) the BoxSpec its dims determine."""
+    return ckpt.robot if ckpt.robot is not None else BoxSpec(ckpt.obs_dim, ckpt.act_dim)

@@ -1,7 +1,13 @@
-"""RobotSpec: the arm's joints and limits, read once from the URDF, and the action <-> command mapping.
+"""How observations and actions sit on the contract topics: RobotSpec (the arm) and BoxSpec (any other family).
 
-The policy acts in [-1, 1]; the robot takes absolute joint position targets. Keeping the mapping here (and
-its exact inverse) lets the policy node, the simulator and the bag reader agree on what an action was.
+RobotSpec: the arm's joints and limits, read once from the URDF, and the action <-> command mapping. The
+policy acts in [-1, 1]; the robot takes absolute joint position targets. Keeping the mapping here (and its
+exact inverse) lets the policy node, the simulator and the bag reader agree on what an action was.
+
+BoxSpec: the encoding of a generic gymnasium family (Box spaces) on the same topics, so that its episodes
+are archived and read back by the same step rule (docs/ARCHITECTURE.md, "Data conventions"). Both classes
+offer the interface the step rule and the archive use (observation / split_observation, action_to_commands
+/ commands_to_action, order_joint_state, to_dict); `spec_from_dict` reads either back from a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +20,30 @@ import numpy as np
 
 from mql_ros.core.errors import InputError
 from mql_ros.core.paths import share_file
+
+
+def order_joint_state(names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
+    """Pick `expected` joints out of a JointState's (names, values), matched by name, never by index."""
+    names = list(names)
+    values = list(values)
+    if len(names) != len(values):
+        raise InputError(f"{what}: {len(names)} names but {len(values)} values")
+    if len(set(names)) != len(names):
+        raise InputError(f"{what}: duplicated joint names {names}")
+    index = {n: i for i, n in enumerate(names)}
+    missing = [j for j in expected if j not in index]
+    if missing:
+        raise InputError(f"{what}: missing joints {missing} (got {names})")
+    return np.array([values[index[j]] for j in expected], dtype=np.float64)
+
+
+def _finite(name: str, values, n: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.shape[0] != n:
+        raise InputError(f"{name}: expected {n} values, got {v.shape[0]}")
+    if not np.all(np.isfinite(v)):
+        raise InputError(f"{name}: contains NaN or inf: {v.tolist()}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -70,17 +100,15 @@ class RobotSpec:
 
     def observation(self, arm_pos, arm_vel, grip_pos, grip_vel) -> np.ndarray:
         """Stack joint readings (already in spec order) into the observation vector; reject bad values."""
-        parts = []
-        for name, values, n in (("arm position", arm_pos, self.n_arm), ("arm velocity", arm_vel, self.n_arm),
-                                ("gripper position", grip_pos, self.n_gripper),
-                                ("gripper velocity", grip_vel, self.n_gripper)):
-            v = np.asarray(values, dtype=np.float64).reshape(-1)
-            if v.shape[0] != n:
-                raise InputError(f"{name}: expected {n} values, got {v.shape[0]}")
-            if not np.all(np.isfinite(v)):
-                raise InputError(f"{name}: contains NaN or inf: {v.tolist()}")
-            parts.append(v)
-        return np.concatenate(parts)
+        return np.concatenate([_finite(name, values, n) for name, values, n in (
+            ("arm position", arm_pos, self.n_arm), ("arm velocity", arm_vel, self.n_arm),
+            ("gripper position", grip_pos, self.n_gripper), ("gripper velocity", grip_vel, self.n_gripper))])
+
+    def split_observation(self, obs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Inverse of `observation`: (arm position, arm velocity, gripper position, gripper velocity)."""
+        o = _finite("observation", obs, self.obs_dim)
+        n, g = self.n_arm, self.n_gripper
+        return o[:n], o[n:2 * n], o[2 * n:2 * n + g], o[2 * n + g:]
 
     def action_to_commands(self, action) -> tuple[np.ndarray, np.ndarray]:
         """Normalized action -> (arm position targets, gripper target), clamped to the joint limits.
@@ -111,18 +139,7 @@ class RobotSpec:
         return np.clip((cmd - 0.5 * (lo + hi)) / (0.5 * (hi - lo)), -1.0, 1.0)
 
     def order_joint_state(self, names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
-        """Pick `expected` joints out of a JointState's (names, values), matched by name, never by index."""
-        names = list(names)
-        values = list(values)
-        if len(names) != len(values):
-            raise InputError(f"{what}: {len(names)} names but {len(values)} values")
-        if len(set(names)) != len(names):
-            raise InputError(f"{what}: duplicated joint names {names}")
-        index = {n: i for i, n in enumerate(names)}
-        missing = [j for j in expected if j not in index]
-        if missing:
-            raise InputError(f"{what}: missing joints {missing} (got {names})")
-        return np.array([values[index[j]] for j in expected], dtype=np.float64)
+        return order_joint_state(names, values, expected, what)
 
     def to_dict(self) -> dict:
         return {"arm_joints": list(self.arm_joints), "gripper_joints": list(self.gripper_joints),
@@ -169,3 +186,98 @@ class RobotSpec:
         return cls(tuple(arm_joints), tuple(gripper_joints),
                    tuple(limits[j][0] for j in arm_joints), tuple(limits[j][1] for j in arm_joints),
                    limits[gripper_joints[0]][0], limits[gripper_joints[0]][1])
+
+
+@dataclass(frozen=True)
+class BoxSpec:
+    """The encoding of a generic family with a 1-D Box observation space (obs_dim values) and a 1-D Box
+    action space (act_dim values) on the contract topics:
+
+    - /joint_states: one "joint" per observation value, named obs_0 .. obs_{obs_dim-1}, position = the value,
+      velocity = 0 (JointState needs equal lengths, and the step rule requires velocities of every joint it
+      reads; zeros carry no information and are checked to be zeros on reading, so nothing is ambiguous);
+    - /gripper/joint_states: no joints (empty name, position and velocity);
+    - /arm_controller/commands: the action as the learner saw it, already normalized to [-1, 1];
+    - /gripper_controller/commands: empty.
+    So the same step rule (TransitionBuilder) rebuilds the same transitions from it as from arm bags.
+    """
+
+    obs_dim: int
+    act_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("obs_dim", "act_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"BoxSpec: {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    @classmethod
+    def from_spaces(cls, observation_space, action_space, where: str = "family") -> BoxSpec:
+        """The encoding of an env's spaces; anything but 1-D Box spaces is an InputError naming the space."""
+        import gymnasium
+
+        for what, space in (("observation", observation_space), ("action", action_space)):
+            if not isinstance(space, gymnasium.spaces.Box) or len(space.shape) != 1:
+                raise InputError(f"{where}: the archive encodes 1-D Box spaces only; the {what} space is {space}")
+        return cls(int(observation_space.shape[0]), int(action_space.shape[0]))
+
+    @property
+    def arm_joints(self) -> tuple[str, ...]:
+        return tuple(f"obs_{i}" for i in range(self.obs_dim))
+
+    @property
+    def gripper_joints(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def n_arm(self) -> int:
+        return self.obs_dim
+
+    @property
+    def n_gripper(self) -> int:
+        return 0
+
+    def observation(self, arm_pos, arm_vel, grip_pos, grip_vel) -> np.ndarray:
+        obs = _finite("observation (/joint_states positions)", arm_pos, self.obs_dim)
+        vel = _finite("/joint_states velocities", arm_vel, self.obs_dim)
+        if np.any(vel != 0.0):
+            raise InputError(f"/joint_states velocities must be zeros in the generic (BoxSpec) encoding, "
+                             f"got {vel.tolist()}")
+        _finite("/gripper/joint_states positions", grip_pos, 0)
+        _finite("/gripper/joint_states velocities", grip_vel, 0)
+        return obs
+
+    def split_observation(self, obs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        o = _finite("observation", obs, self.obs_dim)
+        return o, np.zeros(self.obs_dim), np.zeros(0), np.zeros(0)
+
+    def action_to_commands(self, action) -> tuple[np.ndarray, np.ndarray]:
+        """The normalized action itself (clipped to [-1, 1]) on the arm command topic; no gripper command."""
+        return np.clip(_finite("action", action, self.act_dim), -1.0, 1.0), np.zeros(0)
+
+    def commands_to_action(self, arm_cmd, grip_cmd) -> np.ndarray:
+        a = _finite("/arm_controller/commands", arm_cmd, self.act_dim)
+        _finite("/gripper_controller/commands", grip_cmd, 0)
+        return np.clip(a, -1.0, 1.0)
+
+    def order_joint_state(self, names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
+        return order_joint_state(names, values, expected, what)
+
+    def to_dict(self) -> dict:
+        return {"encoding": "box", "obs_dim": self.obs_dim, "act_dim": self.act_dim}
+
+
+BagEncoding = RobotSpec | BoxSpec
+
+
+def spec_from_dict(d: dict) -> BagEncoding:
+    """A RobotSpec or BoxSpec from its to_dict() (a dict without "encoding" is a RobotSpec)."""
+    if not isinstance(d, dict):
+        raise InputError(f"spec: expected a mapping, got {type(d).__name__}")
+    kind = d.get("encoding", "robot")
+    if kind == "box":
+        return BoxSpec(d["obs_dim"], d["act_dim"])
+    if kind == "robot":
+        return RobotSpec.from_dict(d)
+    raise InputError(f"spec: unknown encoding {kind!r} (known: robot, box)")

@@ -29,7 +29,7 @@ import numpy as np
 
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import IncompleteStep, InputError
-from mql_ros.core.robot import RobotSpec
+from mql_ros.core.robot import BagEncoding
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class StepRule:
 class TransitionBuilder:
     """Feed messages in receive (or log-time) order; `on_command` returns the transition it completes."""
 
-    def __init__(self, robot: RobotSpec, task_id: str = "", episode_gap_s: float = 1.0) -> None:
+    def __init__(self, robot: BagEncoding, task_id: str = "", episode_gap_s: float = 1.0) -> None:
         self.robot = robot
         self.rule = StepRule(task_id, episode_gap_s)
 
@@ -207,7 +207,7 @@ class TransitionBuilder:
 
     def _read_state(self, names, positions, velocities, joints, what) -> tuple[np.ndarray, np.ndarray]:
         pos = self.robot.order_joint_state(names, positions, joints, what + " positions")
-        if len(velocities) == 0:
+        if len(velocities) == 0 and joints:  # a state of no joints (BoxSpec's gripper) has none
             raise InputError(f"{what}: no velocities")
         vel = self.robot.order_joint_state(names, velocities, joints, what + " velocities")
         if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
