@@ -4,9 +4,10 @@ Writing: `ArchiveRecorder` takes decoded message values as they arrive (the adap
 new bag at every episode end, so a writer killed with SIGKILL loses at most the episode in progress;
 `EpisodeArchiveWriter` turns Episodes (meta-training, `mql-ros train --archive`) into the message stream
 the ROS graph would have produced for them: an arm family's through its RobotSpec, any other family's
-through its BoxSpec (observation values as joints obs_i, the normalized action as the arm command). Reading: every bag's messages in log-time order go through
-the shared step rule (mql_ros.core.transitions), so recorded robot data, `ros2 bag record` output and
-archived meta-training data all come back as the same Episodes.
+through its BoxSpec (observation values as joints obs_i, the normalized action as the arm command).
+Reading: every bag's messages in log-time order go through the shared step rule (mql_ros.core.transitions),
+so recorded robot data, `ros2 bag record` output and archived meta-training data come back as the same
+Episodes.
 """
 
 from __future__ import annotations
