@@ -87,7 +87,7 @@ def test_read_only_archive_directory_is_a_clear_error_naming_the_bag(mount_tmpfs
 # ----------------------------------------------------------------------------- the adaptation node process
 pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rosgraph_helpers import diagnostic_values  # noqa: E402
+from rosgraph_helpers import diagnostic_values, wait_collecting  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
@@ -155,6 +155,7 @@ def test_adaptation_node_stopped_by_a_signal_mid_episode_exits_0_and_finishes_it
     start_recording_graph(ros_graph, tiny_checkpoint, archive, episode_steps=100_000)  # one endless episode
     probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 50, 90.0, "the graph running")
     probe.wait_for(lambda: list(archive.glob("*/*.mcap")), 20.0, "a bag being recorded")
+    wait_collecting(probe, "adaptation")
     assert not list(archive.glob("*/metadata.yaml")), "the episode has not ended, so no bag is finished yet"
 
     assert ros_graph.nodes["adaptation"].stop(sig, timeout=15.0) == 0

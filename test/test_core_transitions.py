@@ -130,6 +130,25 @@ def test_two_commands_without_a_new_reward_reuse_the_latest_reward(env):
     assert builder.on_command(20, *cmd).reward == -0.25
 
 
+def test_with_episode_events_a_pause_longer_than_the_gap_does_not_split_the_episode(env):
+    """A stalled robot (or a loaded recorder) pauses mid-episode; the episode events, not the pause, say
+    where episodes end."""
+    builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "reach/test/0"}))
+    cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
+    for start in (1, 10_000 * MS):  # two bursts of 4 commands, 10 s apart, in one episode
+        stamp = start
+        for _ in range(4):
+            publish_state(builder, env, stamp)
+            builder.on_command(stamp + 2, *cmd)
+            builder.on_reward(stamp + 3, -1.0)
+            stamp += 40 * MS
+    publish_state(builder, env, stamp)
+    builder.on_episode(stamp + 2, json.dumps({"event": "end", "task_id": "reach/test/0"}))
+    assert builder.finished == []
+    assert len(builder.finish_episode()) == 8
+
+
 def test_without_episode_events_a_time_gap_splits_episodes(env):
     builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
     cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rosgraph_helpers import ROOT, diagnostic_values  # noqa: E402
+from rosgraph_helpers import ROOT, diagnostic_values, wait_collecting  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -93,16 +93,14 @@ def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_re
     assert probe.call(Trigger, "mql/rollback", Trigger.Request()).success
     probe.wait_for(lambda: policy_status(probe)["checkpoint_sha256"] == other_sha, 30.0,
                    "the policy running the adaptation node's checkpoint")
-    for n in (1, 2):  # two finished episodes of at least half a second -> two finished bags
-        m = commands(probe)
-        probe.wait_for(lambda m=m: commands(probe) > m + 25, 10.0, "half a second of the episode")
+    for n in (1, 2):  # two finished episodes with recorded steps -> two finished bags
+        wait_collecting(probe, "adaptation")
         assert probe.call(Trigger, "sim/reset", Trigger.Request()).success
         probe.wait_for(lambda n=n: len(finished_bags(archive)) >= n, 20.0, f"finished bag {n}")
     before = finished_bags(archive)
     probe.wait_for(lambda: [p for p in archive.glob("*/*.mcap") if p.parent not in before], 20.0,
                    "the next bag being written")
-    n = commands(probe)
-    probe.wait_for(lambda: commands(probe) > n + 25, 10.0, "half a second recorded into it")
+    wait_collecting(probe, "adaptation")
 
     adaptation.interrupt(signal.SIGKILL)
     assert adaptation.proc.wait(10) == -signal.SIGKILL
@@ -129,8 +127,7 @@ def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_re
     # The restarted node also receives the latched /mql/episode history; it must not split the episode in
     # progress into extra bags: one bag per episode end from here on, the second one a whole episode.
     for n in (1, 2):
-        m = commands(probe)
-        probe.wait_for(lambda m=m: commands(probe) > m + 50, 10.0, "a second recorded by the restarted node")
+        wait_collecting(probe, "adaptation", steps=30)  # same node name, a new process
         assert probe.call(Trigger, "sim/reset", Trigger.Request()).success
         probe.wait_for(lambda n=n: len(finished_bags(archive) - seen) >= n, 20.0, f"new bag {n} finished")
     new_bags = sorted(finished_bags(archive) - seen)

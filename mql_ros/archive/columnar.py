@@ -47,7 +47,7 @@ from mql_ros.core.errors import IncompleteStep, InputError
 from mql_ros.core.robot import RobotSpec
 from mql_ros.core.transitions import StepRule
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_DIR_NAME = ".mql_cache"
 _MAGIC = b"\x89MCAP0\r\n"
 _ARM, _GRIP, _ARM_CMD, _GRIP_CMD, _REWARD, _EPISODE = range(6)

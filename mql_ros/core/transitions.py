@@ -61,6 +61,7 @@ class StepRule:
         self.reward = None  # latest (stamp, reward payload) of this episode
         self.pending = None  # (stamp, s_k, a_k) awaiting r_k and s_{k+1}
         self.last_stamp = -1
+        self.delimited = False  # seen an /mql/episode event: events, not time gaps, delimit episodes
         self.finished: list[tuple] = []  # episodes ended by a time gap, for the caller to take
         self.observations: list = []
         self.actions: list = []
@@ -81,6 +82,7 @@ class StepRule:
         if not isinstance(event, dict) or event.get("event") not in ("start", "end"):
             raise InputError(f"episode event needs \"event\": \"start\" or \"end\", got {event_json!r}")
         self.advance(stamp_ns)
+        self.delimited = True
         if event["event"] == "start":  # state and reward from before it belong to the last episode
             self.clear_episode()
             self.arm = self.grip = self.reward = None
@@ -93,7 +95,7 @@ class StepRule:
         (returned as (task, s, a, r, s')) and opens transition k."""
         done = None
         if self.pending is not None:
-            if stamp_ns - self.pending[0] > self.episode_gap_ns:  # a plain recording: the gap ends it
+            if not self.delimited and stamp_ns - self.pending[0] > self.episode_gap_ns:  # a plain recording
                 self.complete()
                 episode = self.finish_episode()
                 if episode is not None:

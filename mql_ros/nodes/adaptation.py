@@ -162,8 +162,10 @@ class AdaptationNode(Node):
         t, values = self._stamp(), np.asarray(msg.data, dtype=np.float64)
         with self._lock:
             step = self._commands.add(which, t, values)
-        self._feed("command", lambda: self.recorder.record_command(topic, t, values),
-                   lambda: None if step is None else self.builder.on_command(self._stamp(), *step[1:]))
+        transition = self._feed("command", lambda: self.recorder.record_command(topic, t, values),
+                                lambda: None if step is None else self.builder.on_command(self._stamp(), *step[1:]))
+        if transition is not None:  # shows on /diagnostics that the episode in progress is being collected
+            self.diag.values["episode_steps"] = int(self.diag.values.get("episode_steps", 0)) + 1
 
     def _on_episode(self, msg: String, info: MessageInfo) -> None:
         if info["source_timestamp"] < self._started_ns and _event(msg.data) == "end":
@@ -174,6 +176,7 @@ class AdaptationNode(Node):
         t = self._stamp()
         self._feed("episode", lambda: self.recorder.record_episode(t, msg.data),
                    lambda: self.builder.on_episode(self._stamp(), msg.data))
+        self.diag.values["episode_steps"] = 0
         if _event(msg.data) != "end":
             return
         with self._lock:
