@@ -133,14 +133,16 @@ class Probe:
         with self.lock:
             return list(self.messages.get(topic, []))
 
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
-        """Poll a condition until it is truthy; on timeout fail with `what` and the nodes' logs."""
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str | Callable[[], str]) -> object:
+        """Poll a condition until it is truthy; on timeout fail with `what` (or what it returns then) and the
+        nodes' logs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
             if value:
                 return value
             time.sleep(0.02)
+        what = what() if callable(what) else what
         raise AssertionError(f"timed out after {timeout} s waiting for {what}\n"
                              f"--- node logs ---\n{self._logs()}")
 

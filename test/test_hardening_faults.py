@@ -76,7 +76,8 @@ def finished_bags(archive: Path) -> set[Path]:
 
 
 def wait_acting(probe, timeout: float = 90.0) -> None:
-    probe.wait_for(lambda: policy_status(probe)["_message"] == "running", timeout, "the policy acting")
+    probe.wait_for(lambda: policy_status(probe)["_message"] == "running", timeout,
+                   lambda: f"the policy acting (its status: {policy_status(probe)['_message']!r})")
 
 
 def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_records_a_new_one(
@@ -117,7 +118,7 @@ def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_re
     n = commands(probe)
     probe.wait_for(lambda: commands(probe) > n + 50, 10.0, "the control loop running without adaptation")
     assert policy_status(probe)["checkpoint_sha256"] == other_sha, "still on its last good checkpoint"
-    assert policy_status(probe)["_message"] == "running"
+    wait_acting(probe, 10.0)  # a loaded machine can make it hold for a tick; it must be acting again
 
     ros_graph.start("adaptation", name="adaptation_restarted", checkpoint=str(other_checkpoint),
                     archive_dir=str(archive), output_dir=str(ros_graph.dir / "adapted"))
@@ -221,8 +222,7 @@ def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ro
                     output_dir=str(ros_graph.dir / "adapted"))
     wait_acting(probe)
     probe.wait_for(lambda: list(archive.glob("*/*.mcap")), 30.0, "an episode being recorded")
-    n = commands(probe)
-    probe.wait_for(lambda: commands(probe) > n + 25, 10.0, "half a second recorded")
+    wait_collecting(probe, "adaptation")
     assert not finished_bags(archive), "mid-episode: no bag finished yet"
     nodes = list(ros_graph.nodes.values())
     started = time.monotonic()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,12 +18,13 @@ import yaml
 rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rosgraph_helpers import ROOT, diagnostic_values  # noqa: E402
+from rosgraph_helpers import ROOT, diagnostic_values, wait_collecting  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float32MultiArray, Float64, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
+from mql_ros.archive import read_bag  # noqa: E402
 from mql_ros.core.errors import ConfigError  # noqa: E402
 from mql_ros.core.robot import RobotSpec  # noqa: E402
 from mql_ros.core.runtime import DeployedPolicy  # noqa: E402
@@ -190,14 +192,9 @@ def test_encoder_and_adaptation_reject_bad_rewards_episode_events_and_commands_a
     assert all(p.proc.poll() is None for p in ros_graph.nodes.values())
 
 
-@pytest.mark.ros
-def test_encoder_restarts_its_history_when_simulated_time_goes_back(ros_graph, tiny_checkpoint):
-    """A simulator reset sends /clock back: the encoder clears its history and goes on (it used to refuse
-    every message as 'time went backwards' until the clock caught up)."""
-    probe = ros_graph.probe
-    contexts = probe.subscribe(Float32MultiArray, "mql/context", RELIABLE_QOS)
-    probe.subscribe(DiagnosticArray, "/diagnostics", 10)
-    ros_graph.start("context_encoder", checkpoint=str(tiny_checkpoint), use_sim_time=True)
+def drive_in_simulated_time(probe) -> dict:
+    """Play a robot in simulated time from the probe: /clock, states, reward and commands every 20 ms of
+    simulated time, one episode started at t=100 s. Set the returned dict's "t" to move the clock."""
     node = probe.node
     clock = node.create_publisher(Clock, "/clock", 10)
     arm = node.create_publisher(JointState, "joint_states", 10)
@@ -205,10 +202,11 @@ def test_encoder_restarts_its_history_when_simulated_time_goes_back(ros_graph, t
     reward = node.create_publisher(Float64, "mql/reward", RELIABLE_QOS)
     arm_cmd = node.create_publisher(Float64MultiArray, "arm_controller/commands", RELIABLE_QOS)
     grip_cmd = node.create_publisher(Float64MultiArray, "gripper_controller/commands", RELIABLE_QOS)
+    episode = node.create_publisher(String, "mql/episode", LATCHED_QOS)
     sim = {"t": 100.0}
     command = [float(v) for v in ROBOT.action_to_commands(np.zeros(ROBOT.act_dim))[0]]
 
-    def step() -> None:  # one control step of a robot in simulated time, 20 ms per step
+    def step() -> None:
         sim["t"] += 0.02
         msg = Clock()
         msg.clock.sec, msg.clock.nanosec = int(sim["t"]), int((sim["t"] % 1) * 1e9)
@@ -219,12 +217,52 @@ def test_encoder_restarts_its_history_when_simulated_time_goes_back(ros_graph, t
         arm_cmd.publish(Float64MultiArray(data=command))
         grip_cmd.publish(Float64MultiArray(data=[0.01]))
 
+    episode.publish(String(data=json.dumps({"event": "start", "task_id": "arm_reach/test/0", "task": {}})))
     node.create_timer(0.02, step)
+    return sim
+
+
+@pytest.mark.ros
+def test_encoder_restarts_its_history_when_simulated_time_goes_back(ros_graph, tiny_checkpoint):
+    """A simulator reset sends /clock back: the encoder clears its history and goes on (it used to refuse
+    every message as 'time went backwards' until the clock caught up)."""
+    probe = ros_graph.probe
+    contexts = probe.subscribe(Float32MultiArray, "mql/context", RELIABLE_QOS)
+    probe.subscribe(DiagnosticArray, "/diagnostics", 10)
+    ros_graph.start("context_encoder", checkpoint=str(tiny_checkpoint), use_sim_time=True)
+    sim = drive_in_simulated_time(probe)
     probe.wait_for(lambda: len(contexts) > 20, 60.0, "contexts in simulated time")
     n = len(contexts)
     sim["t"] = 5.0  # the simulator was reset
     probe.wait_for(lambda: len(contexts) > n + 20, 10.0, "contexts again right after the clock went back")
     assert any(int(d.get("rejected_time", 0)) >= 1 for d in diagnostic_values(probe, "context_encoder"))
+
+
+@pytest.mark.ros
+def test_adaptation_node_records_a_new_bag_and_collects_again_when_simulated_time_goes_back(
+        ros_graph, tiny_checkpoint):
+    """The adaptation node used to refuse every step after a simulator reset until the clock caught up.
+    Now the episode in progress is dropped from the step rule (its bag is finished, nothing recorded is
+    lost) and collection goes on at once in a new bag whose log times are the new timeline's."""
+    probe = ros_graph.probe
+    probe.subscribe(DiagnosticArray, "/diagnostics", 10)
+    archive = ros_graph.dir / "archive"
+    ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), archive_dir=str(archive),
+                    output_dir=str(ros_graph.dir / "adapted"), use_sim_time=True)
+    sim = drive_in_simulated_time(probe)
+    wait_collecting(probe, "adaptation")
+    sim["t"] = 5.0  # the simulator was reset
+    probe.wait_for(lambda: any(int(d.get("rejected_time", 0)) >= 1 for d in diagnostic_values(probe, "adaptation")),
+                   10.0, "the adaptation node reporting the clock going back")
+    wait_collecting(probe, "adaptation")
+    probe.wait_for(lambda: len(list(archive.glob("*/*.mcap"))) == 2, 10.0, "a second bag for the new timeline")
+    (finished,) = [p.parent for p in archive.glob("*/metadata.yaml")]
+    episodes, report = read_bag(finished, ROBOT)
+    assert not report.problems and len(episodes) == 1 and len(episodes[0]) >= 20, report
+    assert ros_graph.nodes["adaptation"].stop(signal.SIGTERM, timeout=15.0) == 0
+    second = next(p.parent for p in archive.glob("*/*.mcap") if p.parent != finished)
+    episodes, report = read_bag(second, ROBOT, task_id="arm_reach/test/0")
+    assert not report.problems and sum(len(e) for e in episodes) >= 20, report
 
 
 # ----------------------------------------------------------------------------- parameters at start-up

@@ -91,6 +91,7 @@ class AdaptationNode(Node):
         self._replay: MultiTaskReplay | None = None
         self._runs = 0
         self._started_ns = time.time_ns()  # DDS source timestamps are on the system clock
+        self._last_stamp = -1
         self.recorder = None
         if self.archive_dir:  # imported only when used: a node without recording needs no bag libraries
             from mql_ros.archive import ArchiveRecorder
@@ -115,15 +116,14 @@ class AdaptationNode(Node):
     def _feed(self, what: str, record, feed) -> object:
         """Record the message and feed the step rule; a bad message is reported and dropped, never fatal.
 
-        The step rule's stamps are taken inside the lock (callbacks run on two threads, and the rule refuses
-        time going backwards); the recording keeps each message's receive time."""
+        The recording and the step rule see the same receive stamp (`_stamp`); subscription callbacks run one at a
+        time (the node's default, mutually exclusive callback group); the lock guards what the adaptation
+        worker and the services share."""
         if self.recorder is not None:
             try:
                 record()
             except ArchiveError as exc:  # e.g. disk full: stop recording, keep the node running
-                self.diag.error(f"recording stopped: {exc}")
-                self.get_logger().error(f"recording stopped: {exc}")
-                self.recorder = None
+                self._stop_recording(exc)
             except InputError as exc:
                 self.diag.reject(f"record_{what}", str(exc))
         try:
@@ -133,13 +133,36 @@ class AdaptationNode(Node):
             self.diag.reject(what, str(exc))
             return None
 
+    def _stop_recording(self, exc: ArchiveError) -> None:
+        self.diag.error(f"recording stopped: {exc}")
+        self.get_logger().error(f"recording stopped: {exc}")
+        self.recorder = None
+
     def _stamp(self) -> int:
-        return self.get_clock().now().nanoseconds
+        """The node clock now, taken once per message (recording and step rule share it). If it went back
+        (simulated time reset), the episode in progress belongs to another timeline: it is dropped, its bag
+        finished, and the step rule restarts, rather than refusing every message until the clock catches up.
+        Called from subscription callbacks only, which run one at a time."""
+        now = self.get_clock().now().nanoseconds
+        if now < self._last_stamp:
+            self.diag.reject("time", f"clock went back from {self._last_stamp} to {now} ns: episode in "
+                             "progress dropped, recording goes on in a new bag")
+            with self._lock:
+                self.builder = TransitionBuilder(self.robot, task_id=self.builder.rule.task_id)  # same task
+                self._commands = CommandPair()
+            self.diag.values["episode_steps"] = 0
+            if self.recorder is not None:
+                try:
+                    self.recorder.close()
+                except ArchiveError as exc:
+                    self._stop_recording(exc)
+        self._last_stamp = now
+        return now
 
     def _on_state(self, topic: str, msg: JointState, feed_name: str) -> None:
         t, names, pos, vel = self._stamp(), list(msg.name), list(msg.position), list(msg.velocity)
         self._feed(feed_name, lambda: self.recorder.record_joint_state(topic, t, names, pos, vel),
-                   lambda: getattr(self.builder, f"on_{feed_name}")(self._stamp(), names, pos, vel))
+                   lambda: getattr(self.builder, f"on_{feed_name}")(t, names, pos, vel))
 
     def _on_arm_state(self, msg: JointState) -> None:
         self._on_state("/joint_states", msg, "joint_state")
@@ -150,7 +173,7 @@ class AdaptationNode(Node):
     def _on_reward(self, msg: Float64) -> None:
         t, r = self._stamp(), float(msg.data)
         self._feed("reward", lambda: self.recorder.record_reward(t, r),
-                   lambda: self.builder.on_reward(self._stamp(), r))
+                   lambda: self.builder.on_reward(t, r))
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         self._on_command("arm", "/arm_controller/commands", msg)
@@ -163,7 +186,7 @@ class AdaptationNode(Node):
         with self._lock:
             step = self._commands.add(which, t, values)
         transition = self._feed("command", lambda: self.recorder.record_command(topic, t, values),
-                                lambda: None if step is None else self.builder.on_command(self._stamp(), *step[1:]))
+                                lambda: None if step is None else self.builder.on_command(t, *step[1:]))
         if transition is not None:  # shows on /diagnostics that the episode in progress is being collected
             self.diag.values["episode_steps"] = int(self.diag.values.get("episode_steps", 0)) + 1
 
@@ -175,7 +198,7 @@ class AdaptationNode(Node):
             return
         t = self._stamp()
         self._feed("episode", lambda: self.recorder.record_episode(t, msg.data),
-                   lambda: self.builder.on_episode(self._stamp(), msg.data))
+                   lambda: self.builder.on_episode(t, msg.data))
         self.diag.values["episode_steps"] = 0
         if _event(msg.data) != "end":
             return

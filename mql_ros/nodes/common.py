@@ -225,6 +225,11 @@ def main_for(make_node: Callable[[], Node], args: list[str] | None = None, threa
     except (ConfigError, InputError, CheckpointError, FileNotFoundError, MQLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        # SIGINT/SIGTERM shut the context down from the signal handler; a callback already running then
+        # fails to publish ("publisher's context is invalid"). That is the shutdown, not an error.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             if hasattr(node, "close"):
