@@ -32,6 +32,7 @@ bench: install
 	$(RUN) $(PY) benchmarks/adaptation.py
 	$(RUN) $(PY) benchmarks/archive.py
 	$(RUN) $(PY) benchmarks/ros_latency.py
+	$(RUN) $(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

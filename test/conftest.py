@@ -91,3 +91,13 @@ def tiny_checkpoint(tmp_path) -> Path:
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, agent, "arm_reach", robot)
     return path
+
+
+@pytest.fixture
+def ros_context():
+    """An rclpy context of its own (domain 0, no DDS traffic expected) for building nodes in-process."""
+    rclpy = pytest.importorskip("rclpy")
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=0)
+    yield context
+    rclpy.try_shutdown(context=context)

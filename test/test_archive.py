@@ -37,6 +37,15 @@ def random_episodes(robot, n=3, steps=7, seed=0):
     return out
 
 
+def assert_same_episodes(got: list[Episode], want: list[Episode]) -> None:
+    """Bit-exact: task ids, observations, actions and rewards."""
+    assert [e.task_id for e in got] == [e.task_id for e in want]
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+
+
 def test_episodes_round_trip_bit_exact_through_bags(tmp_path, robot):
     episodes = random_episodes(robot)
     writer = EpisodeArchiveWriter(tmp_path, robot, family="arm_reach", episodes_per_bag=2)
@@ -44,12 +53,7 @@ def test_episodes_round_trip_bit_exact_through_bags(tmp_path, robot):
         writer.add(e)
     writer.close()
     assert len(bag_dirs(tmp_path)) == 2
-    back = load_episodes(tmp_path, robot)
-    assert [e.task_id for e in back] == [e.task_id for e in episodes]
-    for a, b in zip(episodes, back, strict=True):
-        np.testing.assert_array_equal(a.observations, b.observations)
-        np.testing.assert_array_equal(a.actions, b.actions)
-        np.testing.assert_array_equal(a.rewards, b.rewards)
+    assert_same_episodes(load_episodes(tmp_path, robot), episodes)
 
 
 def test_written_bags_have_rosbag2_metadata_with_true_counts(tmp_path, robot):

@@ -3,6 +3,7 @@
 import gymnasium
 import numpy as np
 import pytest
+from test_archive import assert_same_episodes
 from test_cli import run_cli
 
 from mql_ros.archive import EpisodeArchiveWriter, load_episodes, read_bag
@@ -29,12 +30,7 @@ def test_generic_family_episodes_round_trip_bit_exact_through_bags(tmp_path):
         writer.add(e)
     writer.close()
     assert len(bag_dirs(tmp_path)) == 2
-    back = load_episodes(tmp_path, spec)
-    assert [e.task_id for e in back] == [e.task_id for e in episodes]
-    for a, b in zip(episodes, back, strict=True):
-        np.testing.assert_array_equal(a.observations, b.observations)
-        np.testing.assert_array_equal(a.actions, b.actions)
-        np.testing.assert_array_equal(a.rewards, b.rewards)
+    assert_same_episodes(load_episodes(tmp_path, spec), episodes)
 
 
 def test_box_encoding_puts_observations_on_joint_states_and_actions_on_the_arm_command(tmp_path):

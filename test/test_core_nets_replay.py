@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mql_ros.core.context import context_entries
-from mql_ros.core.episode import Episode
+from mql_ros.core.episode import Episode, newest_within
 from mql_ros.core.errors import InputError
 from mql_ros.core.replay import Batch, MultiTaskReplay, episodes_to_batch
 
@@ -124,3 +124,14 @@ def test_batch_concat_and_subset_keep_rows():
     both = Batch.concat([b1, b2])
     assert len(both) == 5 and both.hist.shape[1] == H + 2
     torch.testing.assert_close(both.subset([3, 4]).obs, b2.obs)
+
+
+def test_newest_within_keeps_the_newest_whole_episodes_up_to_the_transition_budget():
+    rng = np.random.default_rng(0)
+    episodes = [_episode(rng, steps, f"t/{i}") for i, steps in enumerate((5, 7, 3, 4))]
+    assert [e.task_id for e in newest_within(episodes, 7)] == ["t/2", "t/3"]
+    assert [e.task_id for e in newest_within(episodes, 14)] == ["t/1", "t/2", "t/3"]
+    assert [e.task_id for e in newest_within(episodes, 100)] == ["t/0", "t/1", "t/2", "t/3"]
+    assert [e.task_id for e in newest_within(episodes, 2)] == ["t/3"], "the newest is kept even if larger"
+    with pytest.raises(InputError, match="max_transitions must be >= 1"):
+        newest_within(episodes, 0)

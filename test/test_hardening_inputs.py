@@ -270,14 +270,6 @@ NODES = {"policy": "PolicyNode", "sim_arm": "SimArmNode", "adaptation": "Adaptat
          "context_encoder": "ContextEncoderNode"}
 
 
-@pytest.fixture
-def ros_context():
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=0)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoint) -> None:
     """Construct the node in-process from a --params-file, exactly as `ros2 run ... --params-file` does."""
     import importlib
@@ -297,6 +289,9 @@ def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoin
     ("policy", {"control_rate": "fast"}, r"control_rate has the wrong type"),
     ("policy", {"command_mode": "torque"}, r"command_mode='torque' is not one of"),
     ("sim_arm", {"sim_rate": -25.0}, r"sim_rate is out of range \[1\.0, 1000\.0\]"),
+    ("adaptation", {"max_new_transitions": 0}, r"max_new_transitions is out of range \[1, 100000000\]"),
+    ("adaptation", {"min_new_transitions": 500, "max_new_transitions": 100},
+     r"min_new_transitions \(500\) is more than max_new_transitions \(100\)"),
     ("sim_arm", {"episode_steps": 0}, r"episode_steps is out of range \[1, 100000\]"),
     ("adaptation", {"held_out_episodes": -1}, r"held_out_episodes is out of range \[0, 1000\]"),
     ("adaptation", {"margin": -0.5}, r"margin is out of range \[0\.0, 100\.0\]"),

@@ -22,14 +22,6 @@ NODES = {"sim_arm": "SimArmNode", "policy": "PolicyNode", "context_encoder": "Co
          "adaptation": "AdaptationNode"}
 
 
-@pytest.fixture
-def ros_context():
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=0)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 def make_node(name: str, context, overrides: list[Parameter] | None = None):
     try:
         module = importlib.import_module(f"mql_ros.nodes.{name}")

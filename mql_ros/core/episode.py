@@ -68,3 +68,19 @@ class Episode:
                 return cls(str(f["task_id"]), f["observations"], f["actions"], f["rewards"], bool(f["terminated"]))
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(f"{path} is not a saved episode: {exc}") from exc
+
+
+def newest_within(episodes: list[Episode], max_transitions: int) -> list[Episode]:
+    """The newest episodes holding at most `max_transitions` transitions in all (always the newest one).
+
+    Bounds what a long-running collector holds, keeping the data nearest to the task as it is now."""
+    if max_transitions < 1:
+        raise InputError(f"max_transitions must be >= 1, got {max_transitions}")
+    kept: list[Episode] = []
+    n = 0
+    for episode in reversed(episodes):
+        if kept and n + len(episode) > max_transitions:
+            break
+        kept.append(episode)
+        n += len(episode)
+    return kept[::-1]

@@ -27,8 +27,8 @@ from std_srvs.srv import Trigger
 from mql_ros.core.adaptation import adapt, validate_update
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save_checkpoint
 from mql_ros.core.config import load_config
-from mql_ros.core.episode import Episode
-from mql_ros.core.errors import ArchiveError, InputError, MQLError
+from mql_ros.core.episode import Episode, newest_within
+from mql_ros.core.errors import ArchiveError, ConfigError, InputError, MQLError
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.nodes.common import (
@@ -70,6 +70,11 @@ class AdaptationNode(Node):
         self.episodes_dir = Path(episodes_dir).expanduser() if episodes_dir else None
         self.min_new = declare(self, "min_new_transitions", 0, "adapt automatically once this many new-task "
                                "transitions were collected (0: only on /mql/adapt)", 0, 10_000_000)
+        self.max_new = declare(self, "max_new_transitions", 100_000, "most new-task transitions kept in memory "
+                               "(oldest episodes dropped first; the archive keeps everything)", 1, 100_000_000)
+        if self.min_new > self.max_new:
+            raise ConfigError(f"min_new_transitions ({self.min_new}) is more than max_new_transitions "
+                              f"({self.max_new}): automatic adaptation could never start")
         self.held_out = declare(self, "held_out_episodes", 1, "newest new-task episodes kept out of "
                                 "adaptation to validate the result", 0, 1000)
         self.margin = declare(self, "margin", 0.1, "refuse an update whose held-out Bellman score is worse "
@@ -86,6 +91,7 @@ class AdaptationNode(Node):
         self.builder = TransitionBuilder(self.robot)
         self.task_id = ""
         self.new_episodes: list[Episode] = []
+        self._collected = 0  # episodes collected since start (names the saved copies)
         self._commands = CommandPair()
         self._worker: threading.Thread | None = None
         self._replay: MultiTaskReplay | None = None
@@ -212,9 +218,10 @@ class AdaptationNode(Node):
         with self._lock:
             if episode.task_id != self.task_id:
                 self.task_id, self.new_episodes = episode.task_id, []
-            self.new_episodes.append(episode)
+            self.new_episodes = newest_within(self.new_episodes + [episode], self.max_new)
             n = sum(len(e) for e in self.new_episodes)
-            count = len(self.new_episodes)
+            self._collected += 1
+            count = self._collected
         if self.episodes_dir is not None:
             try:
                 self.episodes_dir.mkdir(parents=True, exist_ok=True)
