@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import JointState
@@ -113,18 +112,16 @@ class AdaptationNode(Node):
         self.create_subscription(String, EPISODE, self._on_episode, LATCHED_QOS)
         self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
         self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
-        services = MutuallyExclusiveCallbackGroup()
-        self.create_service(Trigger, "mql/adapt", self._on_adapt, callback_group=services)
-        self.create_service(Trigger, "mql/rollback", self._on_rollback, callback_group=services)
+        self.create_service(Trigger, "mql/adapt", self._on_adapt)
+        self.create_service(Trigger, "mql/rollback", self._on_rollback)
         self.diag.ok("collecting")
 
     # ------------------------------------------------------------------ recording + step rule
     def _feed(self, what: str, record, feed) -> object:
         """Record the message and feed the step rule; a bad message is reported and dropped, never fatal.
 
-        The recording and the step rule see the same receive stamp (`_stamp`); subscription callbacks run one at a
-        time (the node's default, mutually exclusive callback group); the lock guards what the adaptation
-        worker and the services share."""
+        The recording and the step rule see the same receive stamp (`_stamp`); callbacks run one at a time (one
+        executor thread); the lock guards what they share with the adaptation worker."""
         if self.recorder is not None:
             try:
                 record()
@@ -148,7 +145,7 @@ class AdaptationNode(Node):
         """The node clock now, taken once per message (recording and step rule share it). If it went back
         (simulated time reset), the episode in progress belongs to another timeline: it is dropped, its bag
         finished, and the step rule restarts, rather than refusing every message until the clock catches up.
-        Called from subscription callbacks only, which run one at a time."""
+        Called from subscription callbacks only."""
         now = self.get_clock().now().nanoseconds
         if now < self._last_stamp:
             self.diag.reject("time", f"clock went back from {self._last_stamp} to {now} ns: episode in "
@@ -323,6 +320,9 @@ def _event(data: str) -> str | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """`ros2 run mql_ros adaptation`; exit 2 on bad parameters, checkpoint or config."""
-    return main_for(AdaptationNode, args, threads=3)
+    """`ros2 run mql_ros adaptation`; exit 2 on bad parameters, checkpoint or config.
+
+    One executor thread: adaptation itself runs in its worker thread, so callbacks stay responsive, and
+    rclpy's MultiThreadedExecutor spent most of this node's CPU polling its futures (py-spy, soak at 1 kHz)."""
+    return main_for(AdaptationNode, args, threads=1)
 
