@@ -16,7 +16,8 @@ Reported, for the measured window after `--warmup`:
   * resident memory (VmRSS from /proc/PID/status) of each node every `--sample-period`: a least-squares
     slope, the growth it implies over the window, and the residual noise it is compared with;
   * archive size per minute (slope of the archive's size on disk, and the final size after the recorder
-    closed its bag), and CPU time per node.
+    closed its bag), the fraction of the window's /joint_states that reached the archive, and CPU time per
+    node.
 Prints numbers; asserts nothing. Targets: < 1% missed ticks; memory flat (fitted growth within noise).
 
     python benchmarks/soak.py [--seconds 60] [--ten-minutes] [--state-rate 1000] [--control-rate 100]
@@ -164,6 +165,18 @@ def context_lag(commands: list[float], contexts: list[float]) -> np.ndarray:
     return z[ok] - c[i[ok]]
 
 
+def count_recorded(archive: Path, topic: str, t0_ns: int, t1_ns: int) -> int:
+    """Messages of `topic` in the archive's finished bags with a log time in [t0_ns, t1_ns] (system clock)."""
+    from rosbags.rosbag2 import Reader
+
+    n = 0
+    for bag in sorted(p.parent for p in archive.glob("*/metadata.yaml")):
+        with Reader(bag) as reader:
+            connections = [c for c in reader.connections if c.topic == topic]
+            n += sum(t0_ns <= t <= t1_ns for _, t, _ in reader.messages(connections=connections))
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -175,6 +188,9 @@ def main() -> int:
     ap.add_argument("--sample-period", type=float, default=1.0)
     ap.add_argument("--tolerance-ms", type=float, default=2.0)
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "arm_reach.pt"))
+    ap.add_argument("--max-new-transitions", type=int, default=2000,
+                    help="the adaptation node's in-memory new-task data cap; reached within the warm-up and "
+                         "first episodes, so the window measures its steady state (node default: 100000)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.ten_minutes:
@@ -201,6 +217,7 @@ def main() -> int:
         params = {"context_encoder": {"checkpoint": ckpt},
                   "policy": {"checkpoint": ckpt, "control_rate": args.control_rate, "trigger": "timer"},
                   "adaptation": {"checkpoint": ckpt, "archive_dir": str(archive), "min_new_transitions": 0,
+                                 "max_new_transitions": args.max_new_transitions,
                                  "output_dir": str(work / "adapted")}}
         for name in NODES:
             nodes[name] = NodeProcess(name, params[name], domain, work)
@@ -218,11 +235,11 @@ def main() -> int:
         cpu0 = {n: cpu_seconds(p.proc.pid) for n, p in nodes.items()}
         held0 = diagnostic_values(probe, "policy")
         driver.late = 0
-        since = time.monotonic()
+        since, since_ns = time.monotonic(), time.time_ns()
         sampler.start()
         k_start = k
         k = driver.run(args.seconds, k)
-        until = time.monotonic()
+        until, until_ns = time.monotonic(), time.time_ns()
         sampler.stop.set()
         sampler.join()
         time.sleep(1.5)  # the last diagnostics (1 Hz) and in-flight messages
@@ -269,6 +286,10 @@ def main() -> int:
     print(f"archive: {size_slope * 60 / 1e6:.2f} MB/min while recording (slope); {final / 1e6:.1f} MB after "
           f"closing, {len(list(archive.glob('*/metadata.yaml')))} bags, for {(until - since) / 60:.2f} min "
           f"measured + warm-up")
+    recorded = count_recorded(archive, "/joint_states", since_ns, until_ns)
+    res["recorded_states_fraction"] = recorded / states
+    print(f"recorded: {recorded} of the {states} /joint_states published in the measured window "
+          f"({100 * recorded / states:.2f}%; sensor-data QoS drops what a slow recorder cannot take)")
     print(f"node exit codes: {exits}; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         print(json.dumps(res))
