@@ -130,19 +130,26 @@ def test_two_commands_without_a_new_reward_reuse_the_latest_reward(env):
     assert builder.on_command(20, *cmd).reward == -0.25
 
 
-def test_with_episode_events_a_pause_longer_than_the_gap_does_not_split_the_episode(env):
-    """A stalled robot (or a loaded recorder) pauses mid-episode; the episode events, not the pause, say
-    where episodes end."""
-    builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
-    builder.on_episode(0, json.dumps({"event": "start", "task_id": "reach/test/0"}))
+def two_bursts(builder, env, first: int) -> int:
+    """Two bursts of 4 control steps (state, command, reward) 10 s apart; returns the next stamp."""
     cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
-    for start in (1, 10_000 * MS):  # two bursts of 4 commands, 10 s apart, in one episode
+    stamp = first
+    for start in (first, 10_000 * MS):
         stamp = start
         for _ in range(4):
             publish_state(builder, env, stamp)
             builder.on_command(stamp + 2, *cmd)
             builder.on_reward(stamp + 3, -1.0)
             stamp += 40 * MS
+    return stamp
+
+
+def test_with_episode_events_a_pause_longer_than_the_gap_does_not_split_the_episode(env):
+    """A stalled robot (or a loaded recorder) pauses mid-episode; the episode events, not the pause, say
+    where episodes end."""
+    builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "reach/test/0"}))
+    stamp = two_bursts(builder, env, first=1)  # in one episode
     publish_state(builder, env, stamp)
     builder.on_episode(stamp + 2, json.dumps({"event": "end", "task_id": "reach/test/0"}))
     assert builder.finished == []
@@ -151,15 +158,7 @@ def test_with_episode_events_a_pause_longer_than_the_gap_does_not_split_the_epis
 
 def test_without_episode_events_a_time_gap_splits_episodes(env):
     builder = TransitionBuilder(env.robot, task_id="recorded", episode_gap_s=0.5)
-    cmd = env.robot.action_to_commands(np.zeros(env.robot.act_dim))
-    stamp = 0
-    for start in (0, 10_000 * MS):  # two bursts of 4 commands, 10 s apart
-        stamp = start
-        for _ in range(4):
-            publish_state(builder, env, stamp)
-            builder.on_command(stamp + 2, *cmd)
-            builder.on_reward(stamp + 3, -1.0)
-            stamp += 40 * MS
+    two_bursts(builder, env, first=0)
     assert [len(e) for e in builder.finished] == [4]
     assert builder.finished[0].task_id == "recorded"
     assert len(builder.finish_episode()) == 3  # the open burst: 4 commands, the last one not yet closed
