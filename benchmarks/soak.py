@@ -191,6 +191,9 @@ def main() -> int:
     ap.add_argument("--max-new-transitions", type=int, default=2000,
                     help="the adaptation node's in-memory new-task data cap; reached within the warm-up and "
                          "first episodes, so the window measures its steady state (node default: 100000)")
+    ap.add_argument("--policy-priority", type=int, default=0,
+                    help="the policy node's realtime_priority (SCHED_FIFO, as a robot's control loop runs; "
+                         "0: normal scheduling, like every other process)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.ten_minutes:
@@ -204,7 +207,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mql_ros_soak_"))
     archive = work / "archive"
     domain = 201 + os.getpid() % 32  # benchmarks take 201..232; tests 1..200 (test/conftest.py)
-    print(f"soak: states {args.state_rate:g} Hz, control {args.control_rate:g} Hz, {args.seconds:g} s "
+    print(f"soak: states {args.state_rate:g} Hz, control {args.control_rate:g} Hz, {args.seconds:g} s, policy "
+          f"{'SCHED_FIFO ' + str(args.policy_priority) if args.policy_priority else 'normal scheduling'} "
           f"(+{args.warmup:g} s warm-up), episodes of {args.episode_seconds:g} s, domain {domain}, "
           f"load average {os.getloadavg()[0]:.2f}, work dir {work}")
     probe = Probe(domain)
@@ -215,7 +219,8 @@ def main() -> int:
         probe.subscribe(DiagnosticArray, "/diagnostics", 10)
         ckpt = str(Path(args.checkpoint).resolve())
         params = {"context_encoder": {"checkpoint": ckpt},
-                  "policy": {"checkpoint": ckpt, "control_rate": args.control_rate, "trigger": "timer"},
+                  "policy": {"checkpoint": ckpt, "control_rate": args.control_rate, "trigger": "timer",
+                             "realtime_priority": args.policy_priority},
                   "adaptation": {"checkpoint": ckpt, "archive_dir": str(archive), "min_new_transitions": 0,
                                  "max_new_transitions": args.max_new_transitions,
                                  "output_dir": str(work / "adapted")}}

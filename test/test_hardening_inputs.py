@@ -186,7 +186,8 @@ def test_encoder_and_adaptation_reject_bad_rewards_episode_events_and_commands_a
     for node in ("context_encoder", "adaptation"):
         probe.wait_for(lambda n=node: any(all(int(d.get(f"rejected_{k}", 0)) >= v for k, v in want.items())
                                           for d in diagnostic_values(probe, n)),
-                       20.0, f"{node} counting every rejection on /diagnostics")
+                       20.0, lambda n=node: f"{n} counting every rejection on /diagnostics; last: "
+                       f"{(diagnostic_values(probe, n) or [None])[-1]}")
     assert probe.call(Trigger, "mql/reset_context", Trigger.Request()).success
     assert probe.call(Trigger, "mql/rollback", Trigger.Request()).success
     assert all(p.proc.poll() is None for p in ros_graph.nodes.values())
@@ -235,7 +236,9 @@ def test_encoder_restarts_its_history_when_simulated_time_goes_back(ros_graph, t
     n = len(contexts)
     sim["t"] = 5.0  # the simulator was reset
     probe.wait_for(lambda: len(contexts) > n + 20, 10.0, "contexts again right after the clock went back")
-    assert any(int(d.get("rejected_time", 0)) >= 1 for d in diagnostic_values(probe, "context_encoder"))
+    probe.wait_for(lambda: any(int(d.get("rejected_time", 0)) >= 1
+                               for d in diagnostic_values(probe, "context_encoder")),
+                   10.0, "the encoder reporting the clock going back on /diagnostics (1 Hz)")
 
 
 @pytest.mark.ros

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import JointState
@@ -324,5 +325,7 @@ def main(args: list[str] | None = None) -> int:
 
     One executor thread: adaptation itself runs in its worker thread, so callbacks stay responsive, and
     rclpy's MultiThreadedExecutor spent most of this node's CPU polling its futures (py-spy, soak at 1 kHz)."""
-    return main_for(AdaptationNode, args, threads=1)
+    # The wait-set executor: _on_episode needs MessageInfo, and the step rule needs CommandPair's order (see
+    # context_encoder.main).
+    return main_for(AdaptationNode, args, SingleThreadedExecutor)
 

@@ -13,7 +13,7 @@ import json
 import threading
 
 import numpy as np
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float32MultiArray, Float64, Float64MultiArray, String
@@ -68,8 +68,7 @@ class ContextEncoderNode(Node):
         self.create_subscription(String, EPISODE, self._on_episode, LATCHED_QOS)
         self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
         self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
-        self.create_subscription(String, POLICY_UPDATE, self._on_policy_update, LATCHED_QOS,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(String, POLICY_UPDATE, self._on_policy_update, LATCHED_QOS)
         self.create_service(Trigger, "mql/reset_context", self._on_reset)
         self.diag.ok("waiting for an episode start")
 
@@ -185,4 +184,6 @@ def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros context_encoder`; exit 2 on bad parameters or an unusable checkpoint."""
     # One thread: the step rule needs the messages in the order they were received, and two executor
     # threads racing between the stamp and the lock reordered them (steps were dropped on an idle machine).
-    return main_for(ContextEncoderNode, args, threads=1)
+    # Not the EventsExecutor: behind a burst it runs each topic's queued messages together (arm, arm,
+    # gripper, gripper), which breaks CommandPair; the wait-set executor takes one per topic per round.
+    return main_for(ContextEncoderNode, args, SingleThreadedExecutor)

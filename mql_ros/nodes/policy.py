@@ -42,6 +42,7 @@ from mql_ros.nodes.common import (
     declare,
     declare_robot,
     main_for,
+    set_realtime_priority,
 )
 
 
@@ -70,6 +71,9 @@ class PolicyNode(LifecycleNode):
                                "may change from the previous command", 0.0001, 10.0)
         max_gripper_step = declare(self, "max_gripper_step", 0.035, "m: rate limit of the gripper command "
                                    "per command", 0.00001, 1.0)
+        self.realtime_priority = declare(self, "realtime_priority", 0, "SCHED_FIFO priority of the node's "
+                                         "threads once active (0: normal scheduling); needs CAP_SYS_NICE or "
+                                         "an rtprio limit, else a warning and normal scheduling", 0, 99)
         self.robot = declare_robot(self)
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()
@@ -105,6 +109,9 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self.guard.reset()  # the first command after (re)activation starts from the measured positions
         self._timer = self.create_timer(1.0 / self.control_rate, self._tick)
+        scheduling = set_realtime_priority(self.realtime_priority)
+        (self.get_logger().warn if "refused" in scheduling else self.get_logger().info)(scheduling)
+        self.diag.values["scheduling"] = scheduling
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -201,4 +208,4 @@ class PolicyNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros policy`; exit 2 on bad parameters or an unusable checkpoint."""
-    return main_for(autostarted(PolicyNode, "policy"), args, threads=1)
+    return main_for(autostarted(PolicyNode, "policy"), args)

@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
@@ -217,4 +218,4 @@ class SimArmNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros sim_arm`; exit 2 on bad parameters."""
-    return main_for(autostarted(SimArmNode, "sim_arm"), args)
+    return main_for(autostarted(SimArmNode, "sim_arm"), args, lambda: MultiThreadedExecutor(num_threads=2))
