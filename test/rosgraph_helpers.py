@@ -101,6 +101,7 @@ class Probe:
         self.executor.add_node(self.node)
         self.lock = threading.Lock()
         self.messages: dict[str, list[tuple[float, object]]] = {}
+        self._sources: dict[str, list[int]] = {}
         self._logs = logs
         self._clients: dict[str, object] = {}
         self._thread = threading.Thread(target=self._spin, daemon=True)
@@ -115,12 +116,15 @@ class Probe:
                     raise
 
     def subscribe(self, msg_type, topic: str, qos) -> list[tuple[float, object]]:
-        """Record (monotonic receive time, message) of a topic; returns the live list."""
+        """Record (monotonic receive time, message) of a topic; returns the live list. The DDS source
+        timestamp of each (when the publisher wrote it, system clock ns) goes to `published_ns(topic)`."""
         store = self.messages.setdefault(topic, [])
+        sources = self._sources.setdefault(topic, [])
 
-        def on_msg(msg) -> None:
+        def on_msg(msg, info) -> None:
             with self.lock:
                 store.append((time.monotonic(), msg))
+                sources.append(info["source_timestamp"])
 
         self.node.create_subscription(msg_type, topic, on_msg, qos)
         return store
@@ -132,6 +136,11 @@ class Probe:
     def stamped(self, topic: str) -> list[tuple[float, object]]:
         with self.lock:
             return list(self.messages.get(topic, []))
+
+    def published_ns(self, topic: str) -> list[int]:
+        """Source timestamps (system clock ns, set by the publishing process) of a topic's messages."""
+        with self.lock:
+            return list(self._sources.get(topic, []))
 
     def wait_for(self, predicate: Callable[[], object], timeout: float, what: str | Callable[[], str]) -> object:
         """Poll a condition until it is truthy; on timeout fail with `what` (or what it returns then) and the

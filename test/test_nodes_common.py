@@ -1,6 +1,11 @@
-"""The shared node plumbing without processes: command pairing and JointState decoding (core.safety)."""
+"""The shared node plumbing: command pairing, JointState decoding (core.safety), realtime scheduling."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,3 +65,37 @@ def test_decode_joint_state_rejects_bad_messages_naming_the_problem(case, match)
         names[1] = names[0]
     with pytest.raises(InputError, match=match):
         read_joint_state(ROBOT, names, pos, vel, ROBOT.arm_joints, "state")
+
+
+def test_realtime_priority_zero_leaves_normal_scheduling():
+    from mql_ros.nodes.common import set_realtime_priority
+
+    assert set_realtime_priority(0) == "normal scheduling"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+REALTIME_PROBE = """
+import json, os, threading
+from mql_ros.nodes.common import set_realtime_priority
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # an existing thread is moved too
+said = set_realtime_priority(10)
+later = []
+new_thread = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0)))  # inherits
+new_thread.start()
+new_thread.join()
+threads = [os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")]
+print(json.dumps({"said": said, "threads": threads, "later": later}))
+"""
+
+
+def test_realtime_priority_moves_every_thread_to_sched_fifo_or_says_why_not():
+    """In a child process, so this test process keeps normal scheduling. Without CAP_SYS_NICE or an rtprio
+    limit the call is refused: the node is told why and nothing changes."""
+    out = json.loads(subprocess.run([sys.executable, "-c", REALTIME_PROBE], capture_output=True, text=True,
+                                    check=True, timeout=60).stdout)
+    if "refused" in out["said"]:
+        assert out["said"].startswith("SCHED_FIFO 10 refused")
+        assert os.SCHED_FIFO not in out["threads"] + out["later"]
+    else:
+        assert out["said"] == f"SCHED_FIFO 10 on {len(out['threads'])} threads" and len(out["threads"]) >= 2
+        assert set(out["threads"]) == {os.SCHED_FIFO} and out["later"] == [os.SCHED_FIFO]

@@ -39,6 +39,7 @@ class FakeRobot:
         self.arm_q = ARM_Q.copy()
         self.names = list(ROBOT.arm_joints)
         self.running = True
+        self.sent = 0  # arm states published
         self.timer = node.create_timer(0.02, self.publish)
 
     def publish(self) -> None:
@@ -47,9 +48,10 @@ class FakeRobot:
         # Joints deliberately in reversed order: the node must match them by name.
         arm = JointState(name=self.names[::-1], position=self.arm_q[::-1].tolist(), velocity=[0.0] * 4)
         grip = JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(), velocity=[0.0, 0.0])
-        self.arm_pub.publish(arm)
         self.grip_pub.publish(grip)
         self.ctx_pub.publish(Float32MultiArray(data=self.context.tolist()))
+        self.arm_pub.publish(arm)  # last: in trigger=state mode the arm state is what makes the policy act
+        self.sent += 1
 
 
 def start_policy(ros_graph, checkpoint, **params):
@@ -93,6 +95,26 @@ def test_policy_commands_equal_the_actor_output_for_name_matched_state(ros_graph
     assert np.all(got >= ROBOT.command_lower) and np.all(got <= ROBOT.command_upper)
     # Holding (the last measured positions) differs from acting, so the check above is meaningful.
     assert not np.allclose(want, np.concatenate([ARM_Q, GRIP_Q[:1]]), atol=1e-3)
+
+
+def test_policy_in_state_trigger_mode_answers_each_state_once_and_its_timer_only_holds(ros_graph,
+                                                                                      tiny_checkpoint):
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=10.0, trigger="state", state_timeout=0.2)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    wait_command(probe, act, 30.0, "the policy acting on states", atol=1e-5)
+    since, sent0 = time.monotonic(), robot.sent
+    probe.wait_for(lambda: robot.sent >= sent0 + 100, 30.0, "100 more states (2 s at 50 Hz)")
+    robot.running = False
+    states = robot.sent - sent0
+    wait_command(probe, hold, 5.0, "the timer holding once the states stopped", atol=1e-9)
+    acted = sum(np.allclose(m.data, act[:4], atol=1e-5) for t, m in probe.stamped("arm_controller/commands")
+                if t > since)
+    # One command per state (a few may be lost on best-effort sensor QoS); a 10 Hz timer acting too would
+    # add about 20.
+    assert 0.9 * states <= acted <= states + 1, (acted, states)
 
 
 def test_policy_holds_last_positions_after_a_nan_or_misnamed_state_and_recovers(ros_graph, tiny_checkpoint):

@@ -108,7 +108,7 @@ class PolicyNode(LifecycleNode):
         result = super().on_activate(state)
         with self._lock:
             self.guard.reset()  # the first command after (re)activation starts from the measured positions
-        self._timer = self.create_timer(1.0 / self.control_rate, self._tick)
+        self._timer = self.create_timer(1.0 / self.control_rate, self._on_timer)
         scheduling = set_realtime_priority(self.realtime_priority)
         (self.get_logger().warn if "refused" in scheduling else self.get_logger().info)(scheduling)
         self.diag.values["scheduling"] = scheduling
@@ -133,6 +133,10 @@ class PolicyNode(LifecycleNode):
         self._on_joint_state("arm", msg)
         if self.trigger_mode == "state" and self._timer is not None:
             self._tick(from_state=True)
+
+    def _on_timer(self) -> None:
+        """No parameter: rclpy passes a TimerInfo to a timer callback that accepts one."""
+        self._tick(from_state=False)
 
     def _on_gripper_state(self, msg: JointState) -> None:
         self._on_joint_state("gripper", msg)
@@ -179,7 +183,7 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"loaded checkpoint {path} ({sha[:12]})")
 
     # ------------------------------------------------------------------ the control tick
-    def _tick(self, from_state: bool = False) -> None:
+    def _tick(self, from_state: bool) -> None:
         now = time.monotonic()
         with self._lock:
             policy = self.policy
