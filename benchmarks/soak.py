@@ -258,7 +258,7 @@ def main() -> int:
         gc.enable()
         sampler.stop.set()
         sampler.join()
-        time.sleep(1.5)  # the last diagnostics (1 Hz) and in-flight messages
+        driver.run(1.5, k)  # the last diagnostics (1 Hz) and in-flight messages; the policy keeps fresh state
         cpu = {n: cpu_seconds(p.proc.pid) - cpu0[n] for n, p in nodes.items()}
         held1 = diagnostic_values(probe, "policy")
     finally:
