@@ -83,7 +83,12 @@ later = []
 new_thread = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0)))  # inherits
 new_thread.start()
 new_thread.join()
-threads = [os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")]
+threads = []
+for tid in os.listdir("/proc/self/task"):
+    try:
+        threads.append(os.sched_getscheduler(int(tid)))
+    except ProcessLookupError:  # ended since it was listed
+        pass
 print(json.dumps({"said": said, "threads": threads, "later": later}))
 """
 
@@ -91,11 +96,12 @@ print(json.dumps({"said": said, "threads": threads, "later": later}))
 def test_realtime_priority_moves_every_thread_to_sched_fifo_or_says_why_not():
     """In a child process, so this test process keeps normal scheduling. Without CAP_SYS_NICE or an rtprio
     limit the call is refused: the node is told why and nothing changes."""
-    out = json.loads(subprocess.run([sys.executable, "-c", REALTIME_PROBE], capture_output=True, text=True,
-                                    check=True, timeout=60).stdout)
+    run = subprocess.run([sys.executable, "-c", REALTIME_PROBE], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
     if "refused" in out["said"]:
         assert out["said"].startswith("SCHED_FIFO 10 refused")
         assert os.SCHED_FIFO not in out["threads"] + out["later"]
     else:
-        assert out["said"] == f"SCHED_FIFO 10 on {len(out['threads'])} threads" and len(out["threads"]) >= 2
+        assert out["said"].startswith("SCHED_FIFO 10 on ") and len(out["threads"]) >= 2
         assert set(out["threads"]) == {os.SCHED_FIFO} and out["later"] == [os.SCHED_FIFO]
