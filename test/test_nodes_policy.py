@@ -117,6 +117,33 @@ def test_policy_in_state_trigger_mode_answers_each_state_once_and_its_timer_only
     assert 0.9 * states <= acted <= states + 1, (acted, states)
 
 
+def test_policy_stops_commanding_when_deactivated_and_acts_again_when_activated(
+        ros_graph, tiny_checkpoint):
+    """The lifecycle services of a running node (`ros2 lifecycle set /policy deactivate`)."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    wait_command(probe, act, 30.0, "the policy acting", atol=1e-5)
+
+    def transition(kind: int) -> bool:
+        return probe.call(ChangeState, "policy/change_state",
+                          ChangeState.Request(transition=Transition(id=kind))).success
+
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    stopped, sent0 = len(probe.received("arm_controller/commands")), robot.sent
+    probe.wait_for(lambda: robot.sent >= sent0 + 25, 10.0, "half a second of states while inactive")
+    assert len(probe.received("arm_controller/commands")) <= stopped + 1  # at most one tick in flight
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    n = len(probe.received("arm_controller/commands"))
+    probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > n + 10, 10.0,
+                   "commands again after activation")
+    wait_command(probe, act, 10.0, "the policy acting again", atol=1e-5)
+
+
 def test_policy_holds_last_positions_after_a_nan_or_misnamed_state_and_recovers(ros_graph, tiny_checkpoint):
     policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
