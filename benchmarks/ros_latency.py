@@ -104,6 +104,11 @@ class Driver:
         self.arm.publish(arm)
 
 
+def scheduling(priority: int) -> str:
+    """How the benchmarked nodes are scheduled (the policy's realtime_priority parameter)."""
+    return f"SCHED_FIFO {priority}" if priority else "normal scheduling"
+
+
 def key_of(values) -> tuple:
     return tuple(np.round(np.asarray(values, dtype=np.float64), 9))
 
@@ -176,7 +181,7 @@ def main() -> int:
     domain = 201 + os.getpid() % 30  # tests take 1..200 (test/conftest.py)
     print(f"ros_latency: {args.rate:g} Hz for {args.seconds:g} s (+{args.warmup:g} s warm-up), "
           f"checkpoint {ckpt.name}, context_dim {context_dim}, {os.cpu_count()} CPUs, "
-          f"{'SCHED_FIFO ' + str(args.policy_priority) if args.policy_priority else 'normal scheduling'}")
+          f"{scheduling(args.policy_priority)}")
     results = {}
     policy = DeployedPolicy.from_checkpoint(ckpt)
     robot = policy.checkpoint.robot

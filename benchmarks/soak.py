@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "test"))  # the process helpers of the integration tests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ros_latency import timer_on_time  # noqa: E402
+from ros_latency import scheduling, timer_on_time  # noqa: E402
 from rosgraph_helpers import NodeProcess, Probe, diagnostic_values  # noqa: E402
 
 NODES = ("context_encoder", "policy", "adaptation")
@@ -215,7 +215,7 @@ def main() -> int:
     archive = work / "archive"
     domain = 201 + os.getpid() % 32  # benchmarks take 201..232; tests 1..200 (test/conftest.py)
     print(f"soak: states {args.state_rate:g} Hz, control {args.control_rate:g} Hz, {args.seconds:g} s, policy "
-          f"{'SCHED_FIFO ' + str(args.policy_priority) if args.policy_priority else 'normal scheduling'} "
+          f"{scheduling(args.policy_priority)} "
           f"(+{args.warmup:g} s warm-up), episodes of {args.episode_seconds:g} s, domain {domain}, "
           f"load average {os.getloadavg()[0]:.2f}, work dir {work}")
     probe = Probe(domain)

@@ -125,15 +125,14 @@ def set_realtime_priority(priority: int) -> str:
         return "normal scheduling"
     tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
     moved = 0
-    try:
-        for tid in tids:
-            try:
-                os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
-                moved += 1
-            except ProcessLookupError:
-                continue  # the thread ended since it was listed
-    except (OSError, AttributeError) as exc:
-        return f"SCHED_FIFO {priority} refused ({exc}); normal scheduling"
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+        except ProcessLookupError:
+            continue  # the thread ended since it was listed
+        except (OSError, AttributeError) as exc:
+            return f"SCHED_FIFO {priority} refused ({exc}); normal scheduling"
+        moved += 1
     return f"SCHED_FIFO {priority} on {moved} threads"
 
 
