@@ -210,3 +210,24 @@ def test_sigkill_mid_episode_loses_only_the_episode_in_progress(tmp_path, robot)
     assert len(finished) == 2 and all(b.episodes == 1 and b.transitions == 5 for b in finished)
     assert len(report.bags) == 3  # the partial bag is reported, not skipped
     assert any("metadata.yaml" in p or "stopped reading" in p for p in report.bags[-1].problems), report.bags[-1]
+
+
+def test_recorder_frees_each_closed_bag_without_waiting_for_the_cyclic_collector(tmp_path, robot):
+    """A node runs for days and full collections are rare in a process holding torch, so a closed bag's
+    writer must go by reference counting alone (rosbags' Writer and its Connections refer to each other)."""
+    import gc
+    import json
+    import weakref
+
+    recorder = ArchiveRecorder(tmp_path, robot)
+    writers = []
+    gc.disable()
+    try:
+        for episode in range(3):
+            recorder.record_episode(episode, json.dumps({"event": "start", "task_id": "t", "episode": episode}))
+            writers.append(weakref.ref(recorder._current()._writer))
+            recorder.record_episode(episode, json.dumps({"event": "end", "task_id": "t", "episode": episode}))
+        assert [w() is None for w in writers] == [True] * 3
+    finally:
+        gc.enable()
+    assert len(bag_dirs(tmp_path)) == 3

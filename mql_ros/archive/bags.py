@@ -115,6 +115,9 @@ class BagWriter:
             self._writer.close()
         except OSError as exc:
             raise ArchiveError(f"cannot finish bag {self.path}: {exc}") from exc
+        finally:  # rosbags' Writer and its Connections refer to each other: freed now, not at a full collection
+            self._writer.connections.clear()
+            self._connections.clear()
 
 
 def _new_bag_path(directory: Path, stem: str) -> Path:
@@ -143,7 +146,6 @@ class ArchiveRecorder:
         self.episodes_per_bag = episodes_per_bag
         self._ended_in_bag = 0
         self.failed: str | None = None
-        self.bags: list[Path] = []
         self._bag: BagWriter | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,6 @@ class ArchiveRecorder:
             except ArchiveError as exc:
                 self.failed = str(exc)
                 raise
-            self.bags.append(self._bag.path)
         return self._bag
 
     def _do(self, write) -> None:
