@@ -1,10 +1,13 @@
 """The rosbag2 archive: round trip, independent writers, damaged bags, bad content, and SIGKILL."""
 
+import gc
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +218,6 @@ def test_sigkill_mid_episode_loses_only_the_episode_in_progress(tmp_path, robot)
 def test_recorder_frees_each_closed_bag_without_waiting_for_the_cyclic_collector(tmp_path, robot):
     """A node runs for days and full collections are rare in a process holding torch, so a closed bag's
     writer must go by reference counting alone (rosbags' Writer and its Connections refer to each other)."""
-    import gc
-    import json
-    import weakref
-
     recorder = ArchiveRecorder(tmp_path, robot)
     writers = []
     gc.disable()

@@ -117,7 +117,6 @@ class BagWriter:
             raise ArchiveError(f"cannot finish bag {self.path}: {exc}") from exc
         finally:  # rosbags' Writer and its Connections refer to each other: freed now, not at a full collection
             self._writer.connections.clear()
-            self._connections.clear()
 
 
 def _new_bag_path(directory: Path, stem: str) -> Path:
