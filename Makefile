@@ -10,12 +10,14 @@ install: $(VENV)/.installed
 
 # A regular (not editable) install: pip's editable mode skips data_files, and the nodes must find
 # share/mql_ros and lib/mql_ros exactly as a user's install does. Any source change re-installs.
-SOURCES := $(shell find mql_ros launch config urdf scripts checkpoints -type f -not -name '*.pyc' 2>/dev/null)
+SOURCES := $(shell find mql_ros launch config urdf scripts checkpoints -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null)
 $(VENV)/.installed: requirements.txt setup.py setup.cfg package.xml $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+	# the C kernel next to the sources too: tests and benchmarks import the source tree
+	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
 demo: install
@@ -35,4 +37,4 @@ bench: install
 	$(RUN) $(PY) benchmarks/soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mql_ros/core/*.so

@@ -4,19 +4,27 @@ Both install the same layout under the prefix: share/mql_ros/{launch,config,urdf
 the ament index marker, and the node executables in lib/mql_ros/ (so `ros2 run mql_ros <node>` and
 launch_ros `Node(package="mql_ros", ...)` find them). pip does not put console scripts in lib/<package>,
 hence the small wrappers in scripts/ installed there as data files.
+
+The GRU's step loops are a small C extension (mql_ros/core/_gru_kernel.c), compiled for the machine that
+builds the package. It is optional: where it does not build, the same computation runs in numpy, slower.
 """
 
+import platform
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 PACKAGE = "mql_ros"
 NODES = ["sim_arm", "context_encoder", "policy", "adaptation"]
+# -march=native: the vector width of the CPU that builds (and, in a source install, runs) the package.
+NATIVE = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
 
 setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    ext_modules=[Extension(f"{PACKAGE}.core._gru_kernel", [f"{PACKAGE}/core/_gru_kernel.c"],
+                           extra_compile_args=["-O3", *NATIVE], optional=True)],
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLCON = Path(sys.executable).parent / "colcon"
 NODES = ("sim_arm", "context_encoder", "policy", "adaptation")
 IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "install", "log", "runs", "*.egg-info", "__pycache__",
-                                 ".pytest_cache", ".ruff_cache", ".mql_cache")
+                                 ".pytest_cache", ".ruff_cache", ".mql_cache", "*.so")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,8 @@ def test_colcon_build_installs_the_ament_layout(colcon_install: Path):
     for node in NODES:
         exe = colcon_install / "lib" / "mql_ros" / node
         assert exe.is_file() and os.access(exe, os.X_OK), f"lib/mql_ros/{node} is not an executable"
+    site = next(colcon_install.glob("lib/python3*/site-packages"))
+    assert list(site.glob("mql_ros/core/_gru_kernel*.so")), "colcon did not build the C GRU kernel"
 
 
 def test_colcon_installed_package_finds_its_share_files_through_the_ament_index(colcon_install: Path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from mql_ros.core import networks
 from mql_ros.core.config import MQLConfig
 from mql_ros.core.context import StreamingContext, context_entries
 from mql_ros.core.episode import Episode
@@ -145,3 +146,59 @@ def test_one_pass_for_now_and_next_windows_matches_separate_torch_grus(steps):
         (ref * g).sum().backward()
         for a, b in zip(mine, [p.grad for p in enc.gru.parameters()], strict=True):
             torch.testing.assert_close(a, b)
+
+
+needs_kernel = pytest.mark.skipif(networks._gru_kernel is None, reason="the C GRU kernel is not built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("steps", [7, 30])  # 7 < H: one shifted pass for now and next windows; 30: two passes
+def test_c_kernel_matches_the_numpy_steps_in_float32_values_and_gradients(steps, monkeypatch):
+    rng = np.random.default_rng(1)
+    batch = episodes_to_batch([_episode(rng, steps), _episode(rng, 40), _episode(rng, 1)], 16)
+    torch.manual_seed(0)
+    now = [ContextEncoder(ACT + 1 + OBS, 6) for _ in range(2)]
+    nxt = [ContextEncoder(ACT + 1 + OBS, 6)]
+    g = torch.randn(len(batch), 6)
+
+    def contexts_and_grads():
+        for e in now:
+            e.zero_grad()
+        z_now, z_nxt = encode_windows(now, nxt, batch.hist, batch.hist_len, batch.next_hist, batch.next_hist_len)
+        sum((z * g).sum() for z in z_now).backward()
+        return [z.detach() for z in z_now + z_nxt], [p.grad.clone() for e in now for p in e.gru.parameters()]
+
+    compiled = contexts_and_grads()
+    monkeypatch.setattr(networks, "_gru_kernel", None)
+    reference = contexts_and_grads()
+    for a, b in zip(compiled[0] + compiled[1], reference[0] + reference[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_c_kernel_rejects_arrays_of_the_wrong_size_or_type_before_writing():
+    k, c, total, batch, steps = 1, 2, 3, 2, 2
+    f = np.float32
+    args = dict(gi=np.zeros((k, 3 * c, total), f), w_hh=np.zeros((k, 3 * c, c), f), b_hh=np.zeros((k, 3 * c), f),
+                counts=np.array([2, 1]), offsets=np.array([0, 2]), h=np.zeros((k, c, batch), f),
+                prev=np.zeros((k, c, total), f), rz=np.zeros((k, 2 * c, total), f), new=np.zeros((k, c, total), f),
+                ghn=np.zeros((k, c, total), f))
+    run = networks._gru_kernel.gru_forward
+    run(k, c, total, batch, steps, *args.values())  # the right sizes work
+    for name, bad, error in [("gi", np.zeros((k, 3 * c, total + 1), f), ValueError),
+                             ("w_hh", np.zeros((k, 3 * c, c)), TypeError),
+                             ("offsets", np.array([0, 3]), ValueError),  # step 1 would run past the end
+                             ("counts", np.array([3, 1]), ValueError)]:  # more rows than the batch
+        sentinel = np.full((k, c, total), 7.0, f)
+        with pytest.raises(error):
+            run(k, c, total, batch, steps, *{**args, name: bad, "prev": sentinel}.values())
+        assert np.all(sentinel == 7.0), f"bad {name}: the kernel wrote before refusing"
+
+
+@needs_kernel
+def test_c_kernel_keeps_a_nan_a_nan():
+    enc = ContextEncoder(ACT + 1 + OBS, 4)
+    with torch.no_grad():
+        enc.gru.weight_ih_l0[0, 0] = float("nan")
+    hist = torch.ones(2, 3, ACT + 1 + OBS)
+    assert torch.isnan(enc(hist, torch.tensor([3, 2]))).any()

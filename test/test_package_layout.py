@@ -1,5 +1,6 @@
 """The package installs as a complete ament package from pip, and its core stays ROS-free."""
 
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -27,6 +28,13 @@ def test_core_import_does_not_import_rclpy():
             "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('mql_ros.core.' + m.name)\n"
             "assert 'rclpy' not in sys.modules, 'mql_ros.core imported rclpy'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the GRU runs its numpy steps")
+def test_the_c_gru_kernel_is_built_where_a_compiler_is_present():
+    from mql_ros.core import networks
+
+    assert networks._gru_kernel is not None, "mql_ros/core/_gru_kernel.c was not built (run `make install`)"
 
 
 @pytest.mark.skipif(not (PREFIX / "share" / "mql_ros").is_dir(), reason="package not installed in this prefix "

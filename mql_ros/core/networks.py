@@ -14,6 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+try:  # the GRU's step loops compiled (setup.py builds it where a C compiler is available)
+    from mql_ros.core import _gru_kernel
+except ImportError:  # the same loops in numpy, slower
+    _gru_kernel = None
+
 
 @dataclass
 class PackedWindows:
@@ -40,6 +45,10 @@ class PackedWindows:
         steps = hist[order, :longest].transpose(0, 1)  # (L, B, E)
         live = torch.arange(hist.shape[0]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
         return cls(order, counts, offsets, steps[live].detach().contiguous(), int(hist.shape[0]))
+
+
+def _int64(values: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
 
 
 def _sigmoid_(a: np.ndarray) -> np.ndarray:
@@ -71,22 +80,34 @@ def _stack(encoders: list[ContextEncoder]) -> list[Tensor]:
 def _run(p: PackedWindows, encoders: list[ContextEncoder]) -> _Run:
     """Forward of K GRUs over packed windows, without autograd.
 
-    Feature-major layout (K, C, rows): a step's live rows are long contiguous runs. Matmuls run in torch
-    (under its thread setting); the element-wise work, one call for all K encoders, is numpy on views of
-    the same memory, whose per-call cost (~1 us) is a fraction of torch's at these sizes.
+    Feature-major layout (K, C, rows): a step's live rows are long contiguous runs. The input projections
+    of all steps are one torch matmul; the step loop is the compiled kernel for float32 where it was
+    built, numpy otherwise (float64, used by the gradient checks, always).
     """
     w_ih, w_hh, b_ih, b_hh = _stack(encoders)
     k, c, total = w_hh.shape[0], w_hh.shape[2], p.x.shape[0]
     gi = torch.addmm(b_ih.reshape(-1, 1), w_ih.reshape(-1, w_ih.shape[2]), p.x.t())  # all inputs at once
     gi = gi.view(k, 3 * c, total).numpy()
     h_t = p.x.new_zeros(k, c, p.batch)
-    prev_t = p.x.new_empty(k, c, total)
-    h, prev = h_t.numpy(), prev_t.numpy()
-    rz = np.empty((k, 2 * c, total), dtype=h.dtype)
-    new = np.empty((k, c, total), dtype=h.dtype)
-    ghn = np.empty((k, c, total), dtype=h.dtype)
-    b_hh = b_hh.unsqueeze(2)
-    g_t = p.x.new_empty(k, 3 * c, max(p.counts, default=0))
+    h, prev = h_t.numpy(), np.empty((k, c, total), dtype=gi.dtype)
+    rz = np.empty((k, 2 * c, total), dtype=gi.dtype)
+    new = np.empty((k, c, total), dtype=gi.dtype)
+    ghn = np.empty((k, c, total), dtype=gi.dtype)
+    if _gru_kernel is not None and gi.dtype == np.float32:
+        _gru_kernel.gru_forward(k, c, total, p.batch, len(p.counts), gi, w_hh.numpy(), b_hh.numpy(),
+                                _int64(p.counts), _int64(p.offsets), h, prev, rz, new, ghn)
+    else:
+        _forward_steps_numpy(p, gi, w_hh, b_hh, h, prev, rz, new, ghn)
+    return _Run(p, h_t, prev, rz, new, ghn)
+
+
+def _forward_steps_numpy(p: PackedWindows, gi: np.ndarray, w_hh: Tensor, b_hh: Tensor, h: np.ndarray,
+                         prev: np.ndarray, rz: np.ndarray, new: np.ndarray, ghn: np.ndarray) -> None:
+    """The step loop of _run: matmuls in torch, the element-wise work one numpy call for all K encoders
+    on views of the same memory (numpy's per-call cost is a fraction of torch's at these sizes)."""
+    k, c = h.shape[0], h.shape[1]
+    prev_t, b_hh = torch.from_numpy(prev), b_hh.unsqueeze(2)
+    g_t = torch.empty(k, 3 * c, max(p.counts, default=0), dtype=prev_t.dtype)
     for off, n in zip(p.offsets, p.counts, strict=True):
         sl = slice(off, off + n)
         hp, hn, s, nn_ = prev[:, :, sl], h[:, :, :n], rz[:, :, sl], new[:, :, sl]
@@ -103,7 +124,6 @@ def _run(p: PackedWindows, encoders: list[ContextEncoder]) -> _Run:
         np.subtract(hp, nn_, out=hn)  # h' = n + z * (h - n)
         hn *= s[:, c:]
         hn += nn_
-    return _Run(p, h_t, prev, rz, new, ghn)
 
 
 def _backward(run: _Run, k: int, shifted: bool, w_hh: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
@@ -117,10 +137,25 @@ def _backward(run: _Run, k: int, shifted: bool, w_hh: Tensor, grad: Tensor) -> t
     d_gi_t = torch.zeros(3 * c, total, dtype=grad.dtype)
     d_gh_t = torch.zeros(3 * c, total, dtype=grad.dtype)
     d_gi, d_gh = d_gi_t.numpy(), d_gh_t.numpy()
-    w_hh_t = w_hh.t()
+    if _gru_kernel is not None and dh.dtype == np.float32:
+        _gru_kernel.gru_backward(c, total, p.batch, len(counts), np.ascontiguousarray(w_hh.t().numpy()),
+                                 _int64(counts), _int64(p.offsets[: len(counts)]), prev, rz, new, ghn, dh,
+                                 d_gi, d_gh)
+    else:
+        _backward_steps_numpy(counts, p.offsets, w_hh, prev, rz, new, ghn, dh, d_gi, d_gh)
+    prev_t = torch.from_numpy(prev)
+    return d_gi_t @ p.x, d_gh_t @ prev_t.t(), d_gi_t.sum(1), d_gh_t.sum(1)
+
+
+def _backward_steps_numpy(counts: list[int], offsets: list[int], w_hh: Tensor, prev: np.ndarray,
+                          rz: np.ndarray, new: np.ndarray, ghn: np.ndarray, dh: np.ndarray, d_gi: np.ndarray,
+                          d_gh: np.ndarray) -> None:
+    """The step loop of _backward: fills d_gi and d_gh (3C, total), consuming dh (C, B)."""
+    c = prev.shape[0]
+    w_hh_t, d_gh_t = w_hh.t(), torch.from_numpy(d_gh)
     for t in range(len(counts) - 1, -1, -1):
         n = counts[t]
-        sl = slice(p.offsets[t], p.offsets[t] + n)
+        sl = slice(offsets[t], offsets[t] + n)
         d, r, z, nn_ = dh[:, :n], rz[:c, sl], rz[c:, sl], new[:, sl]
         dn, dr, dz = d_gi[2 * c:, sl], d_gi[:c, sl], d_gi[c: 2 * c, sl]
         np.multiply(nn_, nn_, out=dn)  # dn = d (1 - z) (1 - n^2)
@@ -139,8 +174,6 @@ def _backward(run: _Run, k: int, shifted: bool, w_hh: Tensor, grad: Tensor) -> t
         step = torch.mm(w_hh_t, d_gh_t[:, sl]).numpy()
         d *= z
         d += step
-    prev_t = torch.from_numpy(prev)
-    return d_gi_t @ p.x, d_gh_t @ prev_t.t(), d_gi_t.sum(1), d_gh_t.sum(1)
 
 
 class _Attach(torch.autograd.Function):
