@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt setup.py setup.cfg package.xml $(SOURCES)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
-	# the C kernel next to the sources too: tests and benchmarks import the source tree
+	# the C kernel next to the sources too: the tests import the source tree
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 

@@ -10,7 +10,7 @@
 Rounds alternate between the two contenders so machine load hits both alike; the table reports the
 median over rounds. `--quick` is a few-second smoke run.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--json]
+    .venv/bin/python benchmarks/speed.py [--shared-encoder] [--numpy-gru] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mql_ros.core import networks  # noqa: E402
 from mql_ros.core.config import MQLConfig  # noqa: E402
 from mql_ros.core.context import entry_dim  # noqa: E402
 from mql_ros.core.episode import Episode  # noqa: E402
@@ -142,12 +143,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000, help="control steps timed for latency")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shared-encoder", action="store_true", help="time TD3Context with one shared GRU")
+    ap.add_argument("--numpy-gru", action="store_true",
+                    help="run the GRU's step loops in numpy (what runs where the C kernel did not build)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.updates, args.rounds, args.steps = 6, 2, 2000
     torch.set_num_threads(args.threads)
+    if args.numpy_gru:
+        networks._gru_kernel = None
+    gru_loops = "C kernel" if networks._gru_kernel is not None else "numpy"
     over = {k: v for k, v in (("history_len", args.history_len), ("context_dim", args.context_dim),
                               ("batch_size", args.batch_size)) if v is not None}
     if args.hidden:
@@ -212,7 +218,7 @@ def main() -> None:
     res = {"sizes": {"obs_dim": args.obs_dim, "act_dim": args.act_dim, "history_len": cfg.history_len,
                      "context_dim": cfg.context_dim, "hidden": list(cfg.hidden_sizes),
                      "batch_size": cfg.batch_size, "episode_len": args.episode_len, "threads": args.threads,
-                     "shared_encoder": cfg.shared_encoder},
+                     "shared_encoder": cfg.shared_encoder, "gru_step_loops": gru_loops},
            "updates_per_s": {"td3context": u_ours, "plain": u_plain, "ratio": u_ours / u_plain,
                              "rounds_td3context": r_ours, "rounds_plain": r_plain},
            "step_latency_us": {"deployed_median": float(np.median(lat_np)),
@@ -223,7 +229,7 @@ def main() -> None:
     s = res["sizes"]
     print(f"sizes: obs {s['obs_dim']} act {s['act_dim']} H {s['history_len']} context {s['context_dim']} "
           f"hidden {s['hidden']} batch {s['batch_size']} episode {s['episode_len']} threads {s['threads']} "
-          f"shared encoder {s['shared_encoder']}")
+          f"shared encoder {s['shared_encoder']} GRU step loops {gru_loops}")
     print(f"{'measure':<34}{'ours':>12}{'baseline':>12}{'ratio':>8}")
     print(f"{'TD3 updates/s (median of rounds)':<34}{u_ours:>12.1f}{u_plain:>12.1f}{u_ours / u_plain:>7.2f}x")
     lt = res["step_latency_us"]

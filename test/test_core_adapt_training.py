@@ -8,6 +8,7 @@ import torch
 
 from mql_ros.core.checkpoint import save_checkpoint
 from mql_ros.core.config import AdaptConfig, MQLConfig
+from mql_ros.core.context import context_input_scale
 from mql_ros.core.errors import InputError
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.runtime import DeployedPolicy
@@ -38,6 +39,10 @@ def test_meta_train_stores_and_reports_every_episode_and_logs_a_curve():
     assert {"mean_return", "critic_loss", "seconds", "episodes"} <= set(curve[-1])
     # the warm-up episodes are uniformly random, so they are not all the same
     assert not np.allclose(seen[0].actions, seen[1].actions)
+    # the context input scale was set once, from the three warm-up episodes, on every encoder
+    expected = context_input_scale(seen[:3])
+    for nets in (agent.nets, agent.targets):
+        np.testing.assert_allclose(nets["critic_encoder"].input_scale.numpy(), expected, rtol=1e-6)
 
 
 def test_meta_train_rejects_bad_arguments():

@@ -164,3 +164,21 @@ def test_deployed_policy_equals_the_torch_agent(tmp_path, variant):
         policy.act(np.full(ROBOT.obs_dim, np.nan), z)
     with pytest.raises(InputError):
         policy.act(np.zeros(ROBOT.obs_dim), np.zeros(cfg.context_dim + 1))
+
+
+def test_a_version_1_checkpoint_loads_with_unit_input_scales(tmp_path):
+    agent, ep = _trained_agent()
+    agent.set_context_input_scale(np.full(ROBOT.obs_dim + ROBOT.act_dim + 1, 3.0))
+    path = tmp_path / "v2.pt"
+    save_checkpoint(path, agent, "arm_reach", ROBOT)
+    assert load_checkpoint(path).weights["nets"]["critic_encoder.input_scale"][0] == 3.0
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 1  # written before encoders had an input scale
+    for part in ("nets", "targets"):
+        payload["weights"][part] = {k: v for k, v in payload["weights"][part].items()
+                                    if not k.endswith("input_scale")}
+    old = tmp_path / "v1.pt"
+    torch.save(payload, old)
+    loaded = agent_from_checkpoint(load_checkpoint(old))
+    for nets in (loaded.nets, loaded.targets):
+        assert torch.equal(nets["critic_encoder"].input_scale, torch.ones(ROBOT.obs_dim + ROBOT.act_dim + 1))

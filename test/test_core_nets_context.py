@@ -6,7 +6,7 @@ import torch
 
 from mql_ros.core import networks
 from mql_ros.core.config import MQLConfig
-from mql_ros.core.context import StreamingContext, context_entries
+from mql_ros.core.context import StreamingContext, context_entries, context_input_scale
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import InputError
 from mql_ros.core.networks import ContextEncoder, PackedWindows, encode_windows
@@ -202,3 +202,59 @@ def test_c_kernel_keeps_a_nan_a_nan():
         enc.gru.weight_ih_l0[0, 0] = float("nan")
     hist = torch.ones(2, 3, ACT + 1 + OBS)
     assert torch.isnan(enc(hist, torch.tensor([3, 2]))).any()
+
+
+def test_input_scale_is_one_over_the_std_of_each_entry_feature_floored():
+    rng = np.random.default_rng(0)
+    eps = [_episode(rng, 30) for _ in range(3)]
+    for e in eps:
+        e.observations[:, 0] *= 8.0  # a fast feature (like a joint velocity)
+        e.observations[:, 1] = 0.25  # a constant one
+    entries = np.concatenate([context_entries(e) for e in eps])
+    scale = context_input_scale(eps, floor=0.01)
+    np.testing.assert_allclose(scale, 1.0 / np.maximum(entries.std(0), 0.01), rtol=1e-6)
+    assert scale[ACT + 1 + 1] == pytest.approx(100.0)  # constant: the floor, not a division by zero
+    assert np.std(entries * scale, axis=0)[ACT + 1] == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(InputError, match="at least one"):
+        context_input_scale([])
+    bad = _episode(rng, 3)
+    bad.rewards[1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        context_input_scale([bad])
+
+
+def test_a_scaled_encoder_equals_a_torch_gru_on_scaled_entries_values_gradients_and_streaming():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    e = ACT + 1 + OBS
+    enc = ContextEncoder(e, 5)
+    scale = torch.from_numpy(rng.uniform(0.1, 10.0, e).astype(np.float32))
+    enc.input_scale.copy_(scale)
+    ep = _episode(rng, 9)
+    batch = episodes_to_batch([ep], 6)
+    out = enc(batch.hist, batch.hist_len)
+    ref = _reference(enc, batch.hist * scale, batch.hist_len)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn(out.shape)
+    (out * g).sum().backward()
+    mine = [p.grad.clone() for p in enc.gru.parameters()]
+    enc.zero_grad()
+    (ref * g).sum().backward()
+    for a, b in zip(mine, [p.grad for p in enc.gru.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    sc = StreamingContext.from_encoder(enc, 6, OBS, ACT)
+    streamed = [sc.push(ep.observations[k], ep.actions[k], ep.rewards[k]).copy() for k in range(len(ep))]
+    np.testing.assert_allclose(streamed[-1], enc(batch.next_hist, batch.next_hist_len)[-1].detach(), atol=1e-5)
+
+
+def test_the_agent_sets_one_input_scale_on_every_encoder_and_refuses_a_bad_one():
+    agent = TD3Context(MQLConfig(history_len=4, hidden_sizes=(8,), context_dim=3), OBS, ACT)
+    scale = np.linspace(0.5, 2.0, ACT + 1 + OBS)
+    agent.set_context_input_scale(scale)
+    encoders = [n[k] for n in (agent.nets, agent.targets) for k in ("critic_encoder", "actor_encoder")]
+    for enc in encoders:
+        np.testing.assert_allclose(enc.input_scale.numpy(), scale, rtol=1e-6)
+    for bad in (np.ones(3), np.r_[np.ones(ACT + OBS), np.nan], np.r_[np.ones(ACT + OBS), 0.0]):
+        with pytest.raises(InputError, match="set_context_input_scale"):
+            agent.set_context_input_scale(bad)
+        np.testing.assert_allclose(encoders[0].input_scale.numpy(), scale, rtol=1e-6)

@@ -24,14 +24,14 @@ def test_splits_are_the_same_on_every_call_and_seed_dependent(cls):
     for split in ("train_tasks", "test_tasks", "ood_tasks"):
         assert getattr(a, split)() == getattr(b, split)() == getattr(a, split)()
     assert cls(seed=1).train_tasks() != a.train_tasks()
-    assert (len(a.train_tasks()), len(a.test_tasks()), len(a.ood_tasks())) == (40, 10, 10)
+    assert (len(a.train_tasks()), len(a.test_tasks()), len(a.ood_tasks())) == (cls.N_TRAIN, 10, 10)
 
 
 @pytest.mark.parametrize("cls", FAMILIES)
 def test_splits_are_disjoint(cls):
     f = cls()
     keys = [{_key(t) for t in getattr(f, s)()} for s in ("train_tasks", "test_tasks", "ood_tasks")]
-    assert sum(map(len, keys)) == len(set().union(*keys)) == 60
+    assert sum(map(len, keys)) == len(set().union(*keys)) == cls.N_TRAIN + 20
 
 
 @pytest.mark.parametrize("cls", FAMILIES)

@@ -19,7 +19,7 @@ from mql_ros.core.errors import CheckpointError, ConfigError, InputError
 from mql_ros.core.robot import BagEncoding, BoxSpec, spec_from_dict
 from mql_ros.core.td3 import TD3Context
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: context encoders hold an input_scale; version 1 files read as scale 1
 _KEYS = ("version", "config", "obs_dim", "act_dim", "family", "robot", "weights", "extra")
 
 
@@ -101,8 +101,8 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     missing = [k for k in _KEYS if k not in payload]
     if missing:
         raise fail(f"missing keys {missing}")
-    if payload["version"] != CHECKPOINT_VERSION:
-        raise fail(f"unknown version {payload['version']!r} (this code reads version {CHECKPOINT_VERSION})")
+    if payload["version"] not in (1, CHECKPOINT_VERSION):
+        raise fail(f"unknown version {payload['version']!r} (this code reads versions 1 to {CHECKPOINT_VERSION})")
     try:
         cfg = MQLConfig.from_dict(payload["config"])
     except (ConfigError, TypeError) as e:
@@ -137,6 +137,8 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     for part in ("nets", "targets"):
         if not all(torch.isfinite(t).all() for t in _tensors(weights.get(part, {})) if t.is_floating_point()):
             raise fail(f"weights ({part}) contain NaN or inf")
+    if payload["version"] == 1:
+        _add_unit_input_scales(weights)
     extra = payload["extra"] if isinstance(payload["extra"], dict) else {}
     ckpt = Checkpoint(cfg, obs_dim, act_dim, str(payload["family"]), robot, weights, CHECKPOINT_VERSION,
                       file_sha256(path), extra)
@@ -145,6 +147,16 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     except CheckpointError as e:
         raise fail(str(e)) from e
     return ckpt
+
+
+def _add_unit_input_scales(weights: dict) -> None:
+    """Version 1 encoders read raw entries: give each the input_scale of ones that means the same."""
+    for part in ("nets", "targets"):
+        state = weights.get(part)
+        if not isinstance(state, dict):
+            continue
+        for key in [k for k in state if k.endswith(".gru.weight_ih_l0")]:
+            state.setdefault(key.replace(".gru.weight_ih_l0", ".input_scale"), torch.ones(state[key].shape[1]))
 
 
 def agent_from_checkpoint(ckpt: Checkpoint) -> TD3Context:

@@ -158,6 +158,8 @@ class MQLConfig:
     hidden_sizes: tuple[int, ...] = (256, 256)
     use_context: bool = True  # False: plain multi-task TD3 without a context (the ablation)
     shared_encoder: bool = False  # True: one GRU (trained by the critic loss) serves actor and critic
+    # Scale each context feature by 1/std of the warm-up data before the GRU (networks.ContextEncoder).
+    normalize_context_inputs: bool = True
     lr: float = 3e-4
     batch_size: int = 256
     gamma: float = 0.99
@@ -180,6 +182,7 @@ class MQLConfig:
         object.__setattr__(self, "hidden_sizes", checked)
         _check_bool("", "use_context", self.use_context)
         _check_bool("", "shared_encoder", self.shared_encoder)
+        _check_bool("", "normalize_context_inputs", self.normalize_context_inputs)
         for key, r in _MQL_RANGES.items():
             object.__setattr__(self, key, _check_number("", key, getattr(self, key), r))
         if not isinstance(self.adapt, AdaptConfig):

@@ -35,6 +35,17 @@ def context_entries(episode_or_arrays: Episode | tuple[np.ndarray, np.ndarray, n
     return np.concatenate([act, rew[:, None], obs[:t]], axis=1).astype(np.float32, copy=False)
 
 
+def context_input_scale(episodes: list[Episode], floor: float = 0.01) -> np.ndarray:
+    """Per-feature 1 / standard deviation of the context entries of `episodes` (networks.ContextEncoder's
+    input_scale), the deviation floored at `floor` so a constant feature is not blown up."""
+    if not episodes:
+        raise InputError("context_input_scale: needs at least one episode")
+    entries = np.concatenate([context_entries(e) for e in episodes])
+    if not np.all(np.isfinite(entries)):
+        raise InputError("context_input_scale: the episodes' entries contain NaN or inf")
+    return (1.0 / np.maximum(entries.std(axis=0), floor)).astype(np.float32)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -61,12 +72,12 @@ class StreamingContext:
         self.reset()
 
     @classmethod
-    def from_gru(cls, gru, history_len: int, obs_dim: int, act_dim: int) -> StreamingContext:
-        """From a torch nn.GRU (one layer, with biases)."""
+    def from_encoder(cls, encoder, history_len: int, obs_dim: int, act_dim: int) -> StreamingContext:
+        """From a networks.ContextEncoder (its GRU, with the input scale folded into the input weights)."""
         def get(name):
-            return getattr(gru, name).detach().cpu().numpy()
-        return cls(get("weight_ih_l0"), get("weight_hh_l0"), get("bias_ih_l0"), get("bias_hh_l0"),
-                   history_len, obs_dim, act_dim)
+            return getattr(encoder.gru, name).detach().cpu().numpy()
+        return cls(encoder.input_weights().cpu().numpy(), get("weight_hh_l0"), get("bias_ih_l0"),
+                   get("bias_hh_l0"), history_len, obs_dim, act_dim)
 
     def reset(self) -> None:
         """Start of an episode: empty history, zero context."""

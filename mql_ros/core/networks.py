@@ -65,6 +65,7 @@ class _Run:
     """K GRUs run over the same packed windows, with what their backward passes need (numpy, K first)."""
 
     packed: PackedWindows
+    input_scale: Tensor  # (K, E) each encoder's input_scale (its W_ih gradient is taken in scaled units)
     final: Tensor  # (K, C, B) state after each row's last entry, sorted order
     prev: np.ndarray  # (K, C, T) state entering each packed step
     rz: np.ndarray  # (K, 2C, T) the r and z gates
@@ -73,8 +74,10 @@ class _Run:
 
 
 def _stack(encoders: list[ContextEncoder]) -> list[Tensor]:
-    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-    return [torch.stack([getattr(e.gru, n).detach() for e in encoders]) for n in names]
+    """(input weights on raw entries, W_hh, b_ih, b_hh), each stacked over the encoders."""
+    names = ("weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    return [torch.stack([e.input_weights() for e in encoders])] + [
+        torch.stack([getattr(e.gru, n).detach() for e in encoders]) for n in names]
 
 
 def _run(p: PackedWindows, encoders: list[ContextEncoder]) -> _Run:
@@ -98,7 +101,7 @@ def _run(p: PackedWindows, encoders: list[ContextEncoder]) -> _Run:
                                 _int64(p.counts), _int64(p.offsets), h, prev, rz, new, ghn)
     else:
         _forward_steps_numpy(p, gi, w_hh, b_hh, h, prev, rz, new, ghn)
-    return _Run(p, h_t, prev, rz, new, ghn)
+    return _Run(p, torch.stack([e.input_scale for e in encoders]), h_t, prev, rz, new, ghn)
 
 
 def _forward_steps_numpy(p: PackedWindows, gi: np.ndarray, w_hh: Tensor, b_hh: Tensor, h: np.ndarray,
@@ -143,8 +146,8 @@ def _backward(run: _Run, k: int, shifted: bool, w_hh: Tensor, grad: Tensor) -> t
                                  d_gi, d_gh)
     else:
         _backward_steps_numpy(counts, p.offsets, w_hh, prev, rz, new, ghn, dh, d_gi, d_gh)
-    prev_t = torch.from_numpy(prev)
-    return d_gi_t @ p.x, d_gh_t @ prev_t.t(), d_gi_t.sum(1), d_gh_t.sum(1)
+    d_w_hh = torch.mm(torch.from_numpy(prev), d_gh_t.t()).t()  # this order runs faster in MKL than d_gh prev^T
+    return (d_gi_t @ p.x) * run.input_scale[k], d_w_hh.contiguous(), d_gi_t.sum(1), d_gh_t.sum(1)
 
 
 def _backward_steps_numpy(counts: list[int], offsets: list[int], w_hh: Tensor, prev: np.ndarray,
@@ -210,6 +213,15 @@ class ContextEncoder(nn.Module):
         super().__init__()
         self.gru = nn.GRU(entry_dim, context_dim, batch_first=True)
         self.context_dim = context_dim
+        # Each entry is multiplied by input_scale before the GRU. Meta-training sets it once, from the
+        # warm-up data (TD3Context.set_context_input_scale), so that reward, positions and velocities reach
+        # the GRU at similar magnitudes: Adam moves every input weight by similar steps, so unscaled joint
+        # velocities (std ~5 rad/s) would drown the reward (std ~0.1), the only signal of the task.
+        self.register_buffer("input_scale", torch.ones(entry_dim))
+
+    def input_weights(self) -> Tensor:
+        """W_ih acting on raw (unscaled) entries: what one-step deployment multiplies entries by."""
+        return self.gru.weight_ih_l0.detach() * self.input_scale
 
     def forward(self, hist: Tensor, hist_len: Tensor) -> Tensor:
         return encode_windows([self], [], hist, hist_len)[0][0]

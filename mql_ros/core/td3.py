@@ -9,10 +9,10 @@ keeps the parameters near the meta-trained ones.
 
 Speed (measured by benchmarks/speed.py against the plain update): all encoders of an update run in one
 GRU pass over packed windows (no padding computed; the windows before t and t+1 share their prefix), with
-a hand-written backward through time (networks.encode_windows); the twin critics are one batched matmul
-per layer; the actor step reuses the critic's context from the critic step (detached, computed with the
-critic encoder before that step) and computes no gradients for critic weights; Adam is the fused kernel
-and the target update one foreach op.
+a hand-written backward through time, both step loops in compiled C (networks.encode_windows,
+_gru_kernel.c); the twin critics are one batched matmul per layer; the actor step reuses the critic's
+context from the critic step (detached, computed with the critic encoder before that step) and computes no
+gradients for critic weights; Adam is the fused kernel and the target update one foreach op.
 """
 
 from __future__ import annotations
@@ -111,8 +111,21 @@ class TD3Context:
             e = entry_dim(self.obs_dim, self.act_dim)
             return StreamingContext(np.zeros((0, e)), np.zeros((0, 0)), np.zeros(0), np.zeros(0),
                                     self.cfg.history_len, self.obs_dim, self.act_dim)
-        return StreamingContext.from_gru(self.actor_encoder.gru, self.cfg.history_len,
-                                         self.obs_dim, self.act_dim)
+        return StreamingContext.from_encoder(self.actor_encoder, self.cfg.history_len, self.obs_dim, self.act_dim)
+
+    def set_context_input_scale(self, scale: np.ndarray) -> None:
+        """The per-feature scale every context encoder (targets included) applies to its entries; fixed
+        once before learning starts (networks.ContextEncoder, context.context_input_scale)."""
+        if not self.cfg.use_context:
+            return
+        s = torch.as_tensor(np.asarray(scale, dtype=np.float32).reshape(-1))
+        e = entry_dim(self.obs_dim, self.act_dim)
+        if s.shape[0] != e or not torch.isfinite(s).all() or not (s > 0).all():
+            raise InputError(f"set_context_input_scale: need {e} finite positive values, got {scale!r}")
+        for nets in (self.nets, self.targets):
+            for name in ("critic_encoder", "actor_encoder"):
+                if name in nets:
+                    nets[name].input_scale.copy_(s)
 
     def act(self, obs: np.ndarray, context: np.ndarray, noise: float = 0.0,
             rng: np.random.Generator | None = None) -> np.ndarray:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mql_ros.core.adaptation import AdaptationReport, adapt
 from mql_ros.core.config import AdaptConfig, MQLConfig
+from mql_ros.core.context import context_input_scale
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import InputError
 from mql_ros.core.replay import MultiTaskReplay, ReplayStore
@@ -107,6 +108,7 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
     returns: list[float] = []
     losses: list[dict[str, float]] = []
     order: list[int] = []
+    warmup: list[Episode] = []  # what the context input scale is computed from, before the first update
     done_steps, next_log, start = 0, log_every, time.perf_counter()
     bar = tqdm(total=steps, desc=f"meta-train {family.name}", unit="step", disable=not progress)
     while done_steps < steps:
@@ -121,7 +123,12 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
         done_steps += len(episode)
         returns.append(float(episode.rewards.sum()))
         bar.update(len(episode))
+        if agent.updates == 0 and cfg.normalize_context_inputs:
+            warmup.append(episode)
         if done_steps >= cfg.start_steps and replay.num_transitions() >= cfg.batch_size:
+            if warmup:
+                agent.set_context_input_scale(context_input_scale(warmup))
+                warmup = []
             for _ in range(len(episode) * cfg.updates_per_step):
                 losses.append(agent.update(replay.sample(cfg.batch_size, rng)))
         if done_steps >= next_log or done_steps >= steps:

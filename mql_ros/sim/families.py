@@ -25,9 +25,11 @@ class _ArmFamily:
     """Shared split bookkeeping: tasks are drawn once from a seeded generator, then only copied out."""
 
     name = ""
+    N_TRAIN = 40  # PEARL's protocol for varied dynamics: 40 train / 10 test tasks
 
-    def __init__(self, n_train: int = 40, n_test: int = 10, n_ood: int = 10, seed: int = 0,
+    def __init__(self, n_train: int | None = None, n_test: int = 10, n_ood: int = 10, seed: int = 0,
                  episode_steps: int = 50, reward: str = "reach") -> None:
+        n_train = self.N_TRAIN if n_train is None else n_train
         rng = np.random.default_rng(seed)
         self._train = [self._sample(rng, ood=False) for _ in range(n_train)]
         self._test = [self._sample(rng, ood=False) for _ in range(n_test)]
@@ -94,6 +96,9 @@ class ArmReachFamily(_ArmFamily):
     """
 
     name = "arm_reach"
+    # PEARL's protocol for goal tasks: 150 train goals. With 40, a 40k-step meta policy reached the trained
+    # targets far better than held-out ones (return -5.9 against -8.7): it learned the 40, not the region.
+    N_TRAIN = 150
     YAW, RADIUS = (-0.6, 0.6), (0.2, 0.42)
     OOD_YAW, OOD_RADIUS = (0.7, 1.0), (0.46, 0.52)
 

@@ -1,0 +1,44 @@
+"""The benchmarks run to their end and report what they claim to (smallest settings; no timing asserted).
+
+A benchmark that crashes after its long part (the adaptation table's print once did) loses the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_adaptation_benchmark_runs_end_to_end_and_reports_the_gap_closed():
+    out = _run("benchmarks/adaptation.py", "--seeds", "1", "--tasks", "1", "--episodes", "1", "--splits", "test",
+               "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| split | tasks | zero-shot | MQL |" in out.stdout
+    row = _last_json(out.stdout)["test"]
+    assert row["tasks"] == 1 and row["seeds"] == 1
+    assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning"}
+    assert all(math.isfinite(v) for v in row["mean"].values())
+
+
+def test_speed_benchmark_reports_both_contenders_and_the_gru_path():
+    out = _run("benchmarks/speed.py", "--quick", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = _last_json(out.stdout)
+    assert res["updates_per_s"]["td3context"] > 0 and res["updates_per_s"]["plain"] > 0
+    assert res["sizes"]["gru_step_loops"] in ("C kernel", "numpy")
+    assert res["step_latency_us"]["deployed_median"] > 0
