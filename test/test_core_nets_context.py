@@ -177,21 +177,21 @@ def test_c_kernel_matches_the_numpy_steps_in_float32_values_and_gradients(steps,
 
 @needs_kernel
 def test_c_kernel_rejects_arrays_of_the_wrong_size_or_type_before_writing():
-    k, c, total, batch, steps = 1, 2, 3, 2, 2
+    k, c, e, total, batch, steps = 1, 2, 3, 3, 2, 2
     f = np.float32
-    args = dict(gi=np.zeros((k, 3 * c, total), f), w_hh=np.zeros((k, 3 * c, c), f), b_hh=np.zeros((k, 3 * c), f),
-                counts=np.array([2, 1]), offsets=np.array([0, 2]), h=np.zeros((k, c, batch), f),
-                prev=np.zeros((k, c, total), f), rz=np.zeros((k, 2 * c, total), f), new=np.zeros((k, c, total), f),
-                ghn=np.zeros((k, c, total), f))
+    args = dict(xt=np.zeros((e, total), f), w_ih=np.zeros((k, 3 * c, e), f), b_ih=np.zeros((k, 3 * c), f),
+                w_hh=np.zeros((k, 3 * c, c), f), b_hh=np.zeros((k, 3 * c), f), counts=np.array([2, 1]),
+                offsets=np.array([0, 2]), h=np.zeros((k, c, batch), f), prev=np.zeros((k, c, total), f),
+                rz=np.zeros((k, 2 * c, total), f), new=np.zeros((k, c, total), f), ghn=np.zeros((k, c, total), f))
     run = networks._gru_kernel.gru_forward
-    run(k, c, total, batch, steps, *args.values())  # the right sizes work
-    for name, bad, error in [("gi", np.zeros((k, 3 * c, total + 1), f), ValueError),
+    run(k, c, e, total, batch, steps, *args.values())  # the right sizes work
+    for name, bad, error in [("xt", np.zeros((e, total + 1), f), ValueError),
                              ("w_hh", np.zeros((k, 3 * c, c)), TypeError),
                              ("offsets", np.array([0, 3]), ValueError),  # step 1 would run past the end
                              ("counts", np.array([3, 1]), ValueError)]:  # more rows than the batch
         sentinel = np.full((k, c, total), 7.0, f)
         with pytest.raises(error):
-            run(k, c, total, batch, steps, *{**args, name: bad, "prev": sentinel}.values())
+            run(k, c, e, total, batch, steps, *{**args, name: bad, "prev": sentinel}.values())
         assert np.all(sentinel == 7.0), f"bad {name}: the kernel wrote before refusing"
 
 

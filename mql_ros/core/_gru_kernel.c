@@ -107,27 +107,27 @@ static void gates(Py_ssize_t n, const float *restrict gir, const float *restrict
     }
 }
 
-/* One encoder's forward over all steps. gi: (3c, total) input projections incl. b_ih; h: (c, batch), zero
- * on entry, each row's final state on exit; prev, new, ghn: (c, total); rz: (2c, total); g: (3c, batch)
- * and pad: (3c, JB) scratch. */
-static void forward_one(const float *gi, const float *w_hh, const float *b_hh, int c, Py_ssize_t total,
-                        Py_ssize_t batch, const int64_t *counts, const int64_t *offsets, Py_ssize_t steps,
-                        float *h, float *prev, float *rz, float *new_, float *ghn, float *g, float *pad) {
+/* One encoder's forward over all steps. xt: (ed, total) the packed entries, feature-major; w_ih: (3c, ed) on
+ * raw entries; h: (c, batch), zero on entry, each row's final state on exit; prev, new, ghn: (c, total); rz:
+ * (2c, total); gi: (3c, total), g: (3c, batch) and pad: (max(3c, ed), JB) scratch. The input projections
+ * W_ih x + b_ih of all steps come first, in one pass (they do not depend on h). */
+static void forward_one(const float *xt, const float *w_ih, const float *b_ih, int ed, const float *w_hh,
+                        const float *b_hh, int c, Py_ssize_t total, Py_ssize_t batch, const int64_t *counts,
+                        const int64_t *offsets, Py_ssize_t steps, float *h, float *prev, float *rz, float *new_,
+                        float *ghn, float *gi, float *g, float *pad) {
+    matmul_cols(w_ih, b_ih, 3 * c, ed, xt, total, total, gi, total, pad);
     for (Py_ssize_t t = 0; t < steps; t++) {
         Py_ssize_t n = counts[t], off = offsets[t];
         matmul_cols(w_hh, b_hh, 3 * c, c, h, batch, n, g, batch, pad);
         for (int i = 0; i < c; i++) {
             Py_ssize_t at = i * total + off;
-            gates(n, gi + at, gi + c * total + at, gi + 2 * c * total + at, g + i * batch, g + (c + i) * batch,
-                  g + (2 * c + i) * batch, h + i * batch, prev + at, rz + at, rz + c * total + at, new_ + at,
-                  ghn + at);
+            gates(n, gi + at, gi + c * total + at, gi + 2 * c * total + at, g + i * batch,
+                  g + (c + i) * batch, g + (2 * c + i) * batch, h + i * batch, prev + at, rz + at,
+                  rz + c * total + at, new_ + at, ghn + at);
         }
     }
 }
 
-/* One encoder's backward through time. dh: (c, batch), each row's gradient on its context on entry
- * (consumed); d_gi, d_gh: (3c, total) out, gradients of W_ih x + b_ih and W_hh h + b_hh at every packed
- * step; w_t: (c, 3c) the transpose of W_hh; acc: (c, batch) and pad: (3c, JB) scratch. */
 /* The gradients at one hidden unit's gates over n rows, from d, the gradient on its new state. */
 static void gate_grads(Py_ssize_t n, const float *restrict d, const float *restrict pi, const float *restrict ri,
                        const float *restrict zi, const float *restrict ni, const float *restrict gni,
@@ -200,7 +200,7 @@ static int check_steps(const int64_t *counts, const int64_t *offsets, Py_ssize_t
     return 0;
 }
 
-#define NBUF 10
+#define NBUF 12
 
 static void release(Py_buffer *v, int n) {
     for (int i = 0; i < n; i++) PyBuffer_Release(&v[i]);
@@ -208,42 +208,46 @@ static void release(Py_buffer *v, int n) {
 
 static PyObject *gru_forward(PyObject *self, PyObject *args) {
     PyObject *o[NBUF];
-    int k, c;
+    int k, c, ed;
     Py_ssize_t total, batch, steps;
-    if (!PyArg_ParseTuple(args, "iinnnOOOOOOOOOO", &k, &c, &total, &batch, &steps, &o[0], &o[1], &o[2], &o[3],
-                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+    if (!PyArg_ParseTuple(args, "iiinnnOOOOOOOOOOOO", &k, &c, &ed, &total, &batch, &steps, &o[0], &o[1], &o[2],
+                          &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11]))
         return NULL;
-    /* gi, w_hh, b_hh, counts, offsets | h, prev, rz, new, ghn */
-    const char *names[] = {"gi", "w_hh", "b_hh", "counts", "offsets", "h", "prev", "rz", "new", "ghn"};
-    Py_ssize_t sizes[] = {(Py_ssize_t)k * 3 * c * total, (Py_ssize_t)k * 3 * c * c, (Py_ssize_t)k * 3 * c, steps,
-                          steps, (Py_ssize_t)k * c * batch, (Py_ssize_t)k * c * total,
-                          (Py_ssize_t)k * 2 * c * total, (Py_ssize_t)k * c * total, (Py_ssize_t)k * c * total};
+    /* xt, w_ih, b_ih, w_hh, b_hh, counts, offsets | h, prev, rz, new, ghn */
+    const char *names[] = {"xt", "w_ih", "b_ih", "w_hh", "b_hh", "counts", "offsets", "h", "prev", "rz", "new",
+                           "ghn"};
+    Py_ssize_t ct = (Py_ssize_t)c * total;
+    Py_ssize_t sizes[] = {(Py_ssize_t)ed * total, (Py_ssize_t)k * 3 * c * ed, (Py_ssize_t)k * 3 * c,
+                          (Py_ssize_t)k * 3 * c * c, (Py_ssize_t)k * 3 * c, steps, steps, (Py_ssize_t)k * c * batch,
+                          k * ct, k * 2 * ct, k * ct, k * ct};
     Py_buffer v[NBUF];
     int got = 0;
-    for (; got < 10; got++) {
-        const char *fmt = (got == 3 || got == 4) ? "q" : "f";
-        if (get(o[got], &v[got], got >= 5, fmt, sizes[got], names[got]) < 0) {
+    for (; got < 12; got++) {
+        const char *fmt = (got == 5 || got == 6) ? "q" : "f";
+        if (get(o[got], &v[got], got >= 7, fmt, sizes[got], names[got]) < 0) {
             release(v, got);
             return NULL;
         }
     }
-    const int64_t *counts = v[3].buf, *offsets = v[4].buf;
-    float *g = NULL;
+    const int64_t *counts = v[5].buf, *offsets = v[6].buf;
+    float *scratch = NULL;
+    int inner = ed > 3 * c ? ed : 3 * c;
     if (check_steps(counts, offsets, steps, total, batch) == 0) {
-        g = PyMem_Malloc(sizeof(float) * 3 * c * (batch + JB));
-        if (!g) PyErr_NoMemory();
+        scratch = PyMem_Malloc(sizeof(float) * ((Py_ssize_t)3 * c * (total + batch) + (Py_ssize_t)inner * JB));
+        if (!scratch) PyErr_NoMemory();
     }
-    if (g) {
+    if (scratch) {
         Py_BEGIN_ALLOW_THREADS
-        for (int e = 0; e < k; e++) {
-            Py_ssize_t ct = (Py_ssize_t)c * total;
-            forward_one((float *)v[0].buf + 3 * ct * e, (float *)v[1].buf + (Py_ssize_t)3 * c * c * e,
-                        (float *)v[2].buf + 3 * c * e, c, total, batch, counts, offsets, steps,
-                        (float *)v[5].buf + (Py_ssize_t)c * batch * e, (float *)v[6].buf + ct * e,
-                        (float *)v[7].buf + 2 * ct * e, (float *)v[8].buf + ct * e, (float *)v[9].buf + ct * e, g, g + 3 * c * batch);
+        for (int q = 0; q < k; q++) {
+            forward_one(v[0].buf, (float *)v[1].buf + (Py_ssize_t)3 * c * ed * q, (float *)v[2].buf + 3 * c * q, ed,
+                        (float *)v[3].buf + (Py_ssize_t)3 * c * c * q, (float *)v[4].buf + 3 * c * q, c, total, batch,
+                        counts, offsets, steps, (float *)v[7].buf + (Py_ssize_t)c * batch * q,
+                        (float *)v[8].buf + ct * q, (float *)v[9].buf + 2 * ct * q, (float *)v[10].buf + ct * q,
+                        (float *)v[11].buf + ct * q, scratch, scratch + 3 * ct,
+                        scratch + 3 * ct + (Py_ssize_t)3 * c * batch);
         }
         Py_END_ALLOW_THREADS
-        PyMem_Free(g);
+        PyMem_Free(scratch);
     }
     release(v, got);
     if (PyErr_Occurred()) return NULL;
@@ -291,7 +295,7 @@ static PyObject *gru_backward(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"gru_forward", gru_forward, METH_VARARGS,
-     "gru_forward(k, c, total, batch, steps, gi, w_hh, b_hh, counts, offsets, h, prev, rz, new, ghn)"},
+     "gru_forward(k, c, e, total, batch, steps, xt, w_ih, b_ih, w_hh, b_hh, counts, offsets, h, prev, rz, new, ghn)"},
     {"gru_backward", gru_backward, METH_VARARGS,
      "gru_backward(c, total, batch, steps, w_t, counts, offsets, prev, rz, new, ghn, dh, d_gi, d_gh)"},
     {NULL, NULL, 0, NULL},

@@ -83,24 +83,26 @@ def _stack(encoders: list[ContextEncoder]) -> list[Tensor]:
 def _run(p: PackedWindows, encoders: list[ContextEncoder]) -> _Run:
     """Forward of K GRUs over packed windows, without autograd.
 
-    Feature-major layout (K, C, rows): a step's live rows are long contiguous runs. The input projections
-    of all steps are one torch matmul; the step loop is the compiled kernel for float32 where it was
-    built, numpy otherwise (float64, used by the gradient checks, always).
+    Feature-major layout (K, C, rows): a step's live rows are long contiguous runs. The step loop, input
+    projections included, is the compiled kernel for float32 where it was built; otherwise the projections
+    of all steps are one torch matmul and the loop is numpy (float64, used by the gradient checks, always).
     """
     w_ih, w_hh, b_ih, b_hh = _stack(encoders)
-    k, c, total = w_hh.shape[0], w_hh.shape[2], p.x.shape[0]
-    gi = torch.addmm(b_ih.reshape(-1, 1), w_ih.reshape(-1, w_ih.shape[2]), p.x.t())  # all inputs at once
-    gi = gi.view(k, 3 * c, total).numpy()
+    k, c, (total, e) = w_hh.shape[0], w_hh.shape[2], p.x.shape
     h_t = p.x.new_zeros(k, c, p.batch)
-    h, prev = h_t.numpy(), np.empty((k, c, total), dtype=gi.dtype)
-    rz = np.empty((k, 2 * c, total), dtype=gi.dtype)
-    new = np.empty((k, c, total), dtype=gi.dtype)
-    ghn = np.empty((k, c, total), dtype=gi.dtype)
-    if _gru_kernel is not None and gi.dtype == np.float32:
-        _gru_kernel.gru_forward(k, c, total, p.batch, len(p.counts), gi, w_hh.numpy(), b_hh.numpy(),
-                                _int64(p.counts), _int64(p.offsets), h, prev, rz, new, ghn)
+    h = h_t.numpy()
+    prev = np.empty((k, c, total), dtype=h.dtype)
+    rz = np.empty((k, 2 * c, total), dtype=h.dtype)
+    new = np.empty((k, c, total), dtype=h.dtype)
+    ghn = np.empty((k, c, total), dtype=h.dtype)
+    if _gru_kernel is not None and h.dtype == np.float32 and w_ih.dtype == torch.float32:
+        xt = np.ascontiguousarray(p.x.t().numpy())  # (E, total): the kernel projects each step's inputs itself
+        _gru_kernel.gru_forward(k, c, e, total, p.batch, len(p.counts), xt, w_ih.numpy(), b_ih.numpy(),
+                                w_hh.numpy(), b_hh.numpy(), _int64(p.counts), _int64(p.offsets), h, prev, rz, new,
+                                ghn)
     else:
-        _forward_steps_numpy(p, gi, w_hh, b_hh, h, prev, rz, new, ghn)
+        gi = torch.addmm(b_ih.reshape(-1, 1), w_ih.reshape(-1, e), p.x.t())  # all steps' inputs at once
+        _forward_steps_numpy(p, gi.view(k, 3 * c, total).numpy(), w_hh, b_hh, h, prev, rz, new, ghn)
     return _Run(p, torch.stack([e.input_scale for e in encoders]), h_t, prev, rz, new, ghn)
 
 
