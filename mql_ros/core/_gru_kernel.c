@@ -206,6 +206,28 @@ static void release(Py_buffer *v, int n) {
     for (int i = 0; i < n; i++) PyBuffer_Release(&v[i]);
 }
 
+/* All n buffers, or none (an exception set): int64 at counts_at and counts_at + 1, writable from first_out. */
+static int get_all(PyObject **o, Py_buffer *v, int n, const char *const *names, const Py_ssize_t *sizes,
+                   int counts_at, int first_out) {
+    for (int i = 0; i < n; i++) {
+        const char *fmt = (i == counts_at || i == counts_at + 1) ? "q" : "f";
+        if (get(o[i], &v[i], i >= first_out, fmt, sizes[i], names[i]) < 0) {
+            release(v, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_dims(int k, int c, int ed, Py_ssize_t total, Py_ssize_t batch, Py_ssize_t steps) {
+    if (k < 0 || c < 1 || ed < 1 || total < 0 || batch < 0 || steps < 0) {
+        PyErr_Format(PyExc_ValueError, "bad sizes k=%d c=%d e=%d total=%zd batch=%zd steps=%zd", k, c, ed, total,
+                     batch, steps);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *gru_forward(PyObject *self, PyObject *args) {
     PyObject *o[NBUF];
     int k, c, ed;
@@ -213,6 +235,7 @@ static PyObject *gru_forward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiinnnOOOOOOOOOOOO", &k, &c, &ed, &total, &batch, &steps, &o[0], &o[1], &o[2],
                           &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11]))
         return NULL;
+    if (check_dims(k, c, ed, total, batch, steps) < 0) return NULL;
     /* xt, w_ih, b_ih, w_hh, b_hh, counts, offsets | h, prev, rz, new, ghn */
     const char *names[] = {"xt", "w_ih", "b_ih", "w_hh", "b_hh", "counts", "offsets", "h", "prev", "rz", "new",
                            "ghn"};
@@ -221,14 +244,7 @@ static PyObject *gru_forward(PyObject *self, PyObject *args) {
                           (Py_ssize_t)k * 3 * c * c, (Py_ssize_t)k * 3 * c, steps, steps, (Py_ssize_t)k * c * batch,
                           k * ct, k * 2 * ct, k * ct, k * ct};
     Py_buffer v[NBUF];
-    int got = 0;
-    for (; got < 12; got++) {
-        const char *fmt = (got == 5 || got == 6) ? "q" : "f";
-        if (get(o[got], &v[got], got >= 7, fmt, sizes[got], names[got]) < 0) {
-            release(v, got);
-            return NULL;
-        }
-    }
+    if (get_all(o, v, 12, names, sizes, 5, 7) < 0) return NULL;
     const int64_t *counts = v[5].buf, *offsets = v[6].buf;
     float *scratch = NULL;
     int inner = ed > 3 * c ? ed : 3 * c;
@@ -249,7 +265,7 @@ static PyObject *gru_forward(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         PyMem_Free(scratch);
     }
-    release(v, got);
+    release(v, 12);
     if (PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
 }
@@ -261,20 +277,14 @@ static PyObject *gru_backward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "innnOOOOOOOOOO", &c, &total, &batch, &steps, &o[0], &o[1], &o[2], &o[3],
                           &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
         return NULL;
+    if (check_dims(0, c, 1, total, batch, steps) < 0) return NULL;
     /* w_t, counts, offsets, prev, rz, new, ghn | dh, d_gi, d_gh */
     const char *names[] = {"w_t", "counts", "offsets", "prev", "rz", "new", "ghn", "dh", "d_gi", "d_gh"};
     Py_ssize_t ct = (Py_ssize_t)c * total;
     Py_ssize_t sizes[] = {(Py_ssize_t)3 * c * c, steps, steps, ct, 2 * ct, ct, ct, (Py_ssize_t)c * batch,
                           3 * ct, 3 * ct};
     Py_buffer v[NBUF];
-    int got = 0;
-    for (; got < 10; got++) {
-        const char *fmt = (got == 1 || got == 2) ? "q" : "f";
-        if (get(o[got], &v[got], got >= 7, fmt, sizes[got], names[got]) < 0) {
-            release(v, got);
-            return NULL;
-        }
-    }
+    if (get_all(o, v, 10, names, sizes, 1, 7) < 0) return NULL;
     const int64_t *counts = v[1].buf, *offsets = v[2].buf;
     float *acc = NULL;
     if (check_steps(counts, offsets, steps, total, batch) == 0) {
@@ -288,7 +298,7 @@ static PyObject *gru_backward(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         PyMem_Free(acc);
     }
-    release(v, got);
+    release(v, 10);
     if (PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
 }
@@ -301,6 +311,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gru_kernel", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gru_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__gru_kernel(void) { return PyModule_Create(&module); }
