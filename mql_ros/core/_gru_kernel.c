@@ -8,7 +8,7 @@
  *
  * The logistic and tanh are a range-reduced exp (Cody-Waite split of ln 2, degree-7 polynomial) written
  * so the compiler vectorizes them; their error is a few float32 ulps of the exp, far below the 1e-5 the
- * batched and one-step contexts must agree to (test_networks checks both against numpy).
+ * batched and one-step contexts must agree to (test/test_core_nets_context.py checks both against numpy).
  */
 
 #define PY_SSIZE_T_CLEAN

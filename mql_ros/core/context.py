@@ -9,11 +9,15 @@ from zero past that, so it always equals the batched encoder of networks.Context
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import InputError
+
+if TYPE_CHECKING:
+    from mql_ros.core.networks import ContextEncoder
 
 
 def entry_dim(obs_dim: int, act_dim: int) -> int:
@@ -72,7 +76,7 @@ class StreamingContext:
         self.reset()
 
     @classmethod
-    def from_encoder(cls, encoder, history_len: int, obs_dim: int, act_dim: int) -> StreamingContext:
+    def from_encoder(cls, encoder: ContextEncoder, history_len: int, obs_dim: int, act_dim: int) -> StreamingContext:
         """From a networks.ContextEncoder (its GRU, with the input scale folded into the input weights)."""
         def get(name):
             return getattr(encoder.gru, name).detach().cpu().numpy()
