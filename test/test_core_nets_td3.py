@@ -87,6 +87,29 @@ def test_actor_and_targets_move_only_every_policy_delay_steps_by_polyak_tau():
         torch.testing.assert_close(tp, (1 - CFG.tau) * t0 + CFG.tau * p)
 
 
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_preactivation_penalty_alone_pulls_saturated_actions_back_from_the_tanh_limits(l2):
+    agent = TD3Context(replace(CFG, policy_delay=1, lr=1e-2, actor_preactivation_l2=l2), OBS, ACT)
+    with torch.no_grad():
+        agent.nets["actor"].net[-1].bias.fill_(6.0)  # tanh(6) = 0.99998: saturated
+        agent.nets["critic"].weights[-1].zero_()  # Q constant in the action: no gradient from the critic
+    agent.critic_opt.param_groups[0]["lr"] = 0.0
+    batch = _batch()
+    z = agent.contexts(batch.hist, batch.hist_len)
+
+    def mean_preactivation():
+        with torch.no_grad():
+            return float(agent.nets["actor"].preactivation(batch.obs, z).mean())
+
+    before = mean_preactivation()
+    for _ in range(20):
+        agent.update(batch)
+    if l2 == 0.0:
+        assert mean_preactivation() == before  # nothing else moves the actor here
+    else:
+        assert mean_preactivation() < before - 1.0
+
+
 def test_target_policy_smoothing_noise_is_clipped_and_actions_stay_in_range():
     cfg = replace(CFG, policy_noise=100.0, noise_clip=0.2)
     agent = TD3Context(cfg, OBS, ACT)

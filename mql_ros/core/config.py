@@ -59,6 +59,7 @@ _MQL_RANGES: dict[str, _Range] = {
     "start_steps": _num("int", 0, None),
     "replay_size": _num("int", 1, None),
     "updates_per_step": _num("int", 1, None),
+    "actor_preactivation_l2": _num("float", 0.0, None),
 }
 
 
@@ -171,6 +172,10 @@ class MQLConfig:
     start_steps: int = 10_000  # uniformly random actions before the policy acts
     replay_size: int = 1_000_000
     updates_per_step: int = 1
+    # Actor loss + this * sum(pre-tanh action^2), as rlkit's DDPG `policy_pre_activation_weight`: keeps the
+    # tanh out of saturation, where its gradient vanishes and an action stuck at a joint limit cannot come
+    # back. 0 = the authors' TD3. Absolute joint-position actions need it (config/arm_reach_train.yaml).
+    actor_preactivation_l2: float = 0.0
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self) -> None:

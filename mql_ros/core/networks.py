@@ -287,8 +287,12 @@ class Actor(nn.Module):
         self.net = _mlp([obs_dim + context_dim, *hidden_sizes, act_dim])
 
     def forward(self, obs: Tensor, context: Tensor | None = None) -> Tensor:
+        return torch.tanh(self.preactivation(obs, context))
+
+    def preactivation(self, obs: Tensor, context: Tensor | None = None) -> Tensor:
+        """The action before the tanh: what the pre-activation penalty (MQLConfig) keeps from saturating."""
         x = obs if context is None else torch.cat([obs, context], dim=1)
-        return torch.tanh(self.net(x))
+        return self.net(x)
 
 
 class TwinCritic(nn.Module):

@@ -5,7 +5,8 @@ each has a polyak-averaged target copy. Separate encoders keep the actor's conte
 used as propensity features) free of critic-loss gradients; `shared_encoder` instead trains one GRU by
 the critic loss and gives the actor its context detached. The same update serves MQL adaptation: per-
 sample weights multiply the critic and actor losses, and a proximal term lambda * ||theta - anchor||^2
-keeps the parameters near the meta-trained ones.
+keeps the parameters near the meta-trained ones. An optional penalty on the actor's pre-tanh output
+(MQLConfig.actor_preactivation_l2) keeps actions from sticking at the tanh limits.
 
 Speed (measured by benchmarks/speed.py against the plain update): all encoders of an update run in one
 GRU pass over packed windows (no padding computed; the windows before t and t+1 share their prefix), with
@@ -216,11 +217,14 @@ class TD3Context:
 
         nets["critic"].requires_grad_(False)
         try:
-            q = nets["critic"].q1(batch.obs, nets["actor"](batch.obs, z_a),
-                                  z_c.detach() if z_c is not None else None)
+            pre = nets["actor"].preactivation(batch.obs, z_a)
+            q = nets["critic"].q1(batch.obs, torch.tanh(pre), z_c.detach() if z_c is not None else None)
         finally:
             nets["critic"].requires_grad_(True)
-        actor_loss = -(q * w).mean() if w is not None else -q.mean()
+        per_sample = -q
+        if cfg.actor_preactivation_l2 > 0:
+            per_sample = per_sample + cfg.actor_preactivation_l2 * pre.pow(2).sum(dim=1, keepdim=True)
+        actor_loss = (per_sample * w).mean() if w is not None else per_sample.mean()
         total = actor_loss + proximal_lambda * self._proximal(_ACTOR_PARTS, anchor) if prox else actor_loss
         self.actor_opt.zero_grad(set_to_none=True)
         total.backward()
