@@ -42,3 +42,12 @@ def test_speed_benchmark_reports_both_contenders_and_the_gru_path():
     assert res["updates_per_s"]["td3context"] > 0 and res["updates_per_s"]["plain"] > 0
     assert res["sizes"]["gru_step_loops"] in ("C kernel", "numpy")
     assert res["step_latency_us"]["deployed_median"] > 0
+
+
+def test_preactivation_benchmark_trains_with_and_without_the_penalty():
+    out = _run("benchmarks/preactivation.py", "--steps", "600", "--episodes", "1", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = _last_json(out.stdout)
+    assert [r["actor_preactivation_l2"] for r in res["runs"]] == [0.0, 0.01]
+    assert all(math.isfinite(r["return"]) and 0.0 <= r["saturated_fraction"] <= 1.0 for r in res["runs"])
+    assert res["oracle_return"] < 0
