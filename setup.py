@@ -9,6 +9,7 @@ The GRU's step loops are a small C extension (mql_ros/core/_gru_kernel.c), compi
 builds the package. It is optional: where it does not build, the same computation runs in numpy, slower.
 """
 
+import os
 import platform
 from glob import glob
 
@@ -17,7 +18,10 @@ from setuptools import Extension, find_packages, setup
 PACKAGE = "mql_ros"
 NODES = ["sim_arm", "context_encoder", "policy", "adaptation"]
 # -march=native: the vector width of the CPU that builds (and, in a source install, runs) the package.
-NATIVE = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+# MQL_ROS_PORTABLE=1 leaves it out, for a build that runs on other CPUs (a wheel, a container image, an
+# install shared over NFS): a native build can die with SIGILL on an older CPU.
+PORTABLE = os.environ.get("MQL_ROS_PORTABLE", "") not in ("", "0")
+NATIVE = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") and not PORTABLE else []
 
 setup(
     name=PACKAGE,

@@ -1,5 +1,7 @@
 """The package installs as a complete ament package from pip, and its core stays ROS-free."""
 
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,20 @@ def test_the_c_gru_kernel_is_built_where_a_compiler_is_present():
     from mql_ros.core import networks
 
     assert networks._gru_kernel is not None, "mql_ros/core/_gru_kernel.c was not built (run `make install`)"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("portable", ["1", ""])
+def test_mql_ros_portable_builds_the_c_kernel_without_march_native(tmp_path, portable):
+    env = {**os.environ, "MQL_ROS_PORTABLE": portable}
+    out = subprocess.run([sys.executable, "setup.py", "-v", "build_ext", "--force", "--build-temp",
+                          str(tmp_path / "tmp"), "--build-lib", str(tmp_path / "lib")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    compile_lines = [line for line in out.stdout.splitlines() + out.stderr.splitlines() if "_gru_kernel.c" in line]
+    assert compile_lines, "setup.py -v printed no compile command for the kernel"
+    native = any("-march=native" in line for line in compile_lines)
+    assert native == (not portable and platform.machine() in ("x86_64", "AMD64"))
+    assert list((tmp_path / "lib" / "mql_ros" / "core").glob("_gru_kernel*.so")), "the kernel did not build"
 
 
 @pytest.mark.skipif(not (PREFIX / "share" / "mql_ros").is_dir(), reason="package not installed in this prefix "
