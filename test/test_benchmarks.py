@@ -51,3 +51,16 @@ def test_preactivation_benchmark_trains_with_and_without_the_penalty():
     assert [r["actor_preactivation_l2"] for r in res["runs"]] == [0.0, 0.01]
     assert all(math.isfinite(r["return"]) and 0.0 <= r["saturated_fraction"] <= 1.0 for r in res["runs"])
     assert res["oracle_return"] < 0
+
+
+def test_target_inference_benchmark_reports_context_policy_and_observed_target_side_by_side():
+    out = _run("benchmarks/target_inference.py", "--tasks", "1", "--episodes", "1", "--decoder-iters", "50",
+               "--observed-steps", "300", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = _last_json(out.stdout)
+    for split in ("train", "test"):
+        row = res[split]
+        for key in ("context_error_cm", "policy_distance_cm", "observed_distance_cm"):
+            assert set(row[key]) == {str(s) for s in res["steps"]}, key
+            assert all(math.isfinite(v) and v >= 0 for v in row[key].values()), key
+        assert row["oracle_return"] < 0 and math.isfinite(row["policy_return"] + row["observed_return"])

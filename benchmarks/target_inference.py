@@ -1,0 +1,168 @@
+"""Where does an arm_reach meta policy lose its precision: in the context, or in the actor's use of it?
+
+The target of an arm_reach task is never observed; the context z (a GRU over the episode so far) has to
+carry it. Three measurements on the first --tasks train and held-out (test) targets, side by side:
+
+  context    how well z *can* tell the target: a 2-layer MLP fit to map z -> target (x, y) on the
+             train tasks' rollouts, its error on held-out rollouts by step of the episode
+  policy     how far the meta policy's tool actually is from the target at those steps
+  observed   (with --observed-steps N) the same meta-training run, but the target appended to the
+             observation and no context: the precision the TD3 learner reaches when nothing is inferred
+
+plus the IK oracle's return. If z tells the target to ~2 cm while the policy sits 5-10 cm away, the loss
+is in the actor's use of z, not in the information z carries.
+
+    python benchmarks/target_inference.py [--checkpoint C] [--tasks 10] [--observed-steps 100000]
+    # ~2 min without --observed-steps; 100000 observed steps add ~20 min of meta-training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import gymnasium
+import numpy as np
+import torch
+
+from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
+from mql_ros.core.paths import share_file
+from mql_ros.core.replay import episodes_to_batch
+from mql_ros.core.tasks import make_checked_env, split_tasks
+from mql_ros.core.training import meta_train, rollout
+from mql_ros.sim.families import ArmReachFamily
+
+STEPS = (0, 2, 5, 10, 20, 40, 49)
+
+
+class _TargetInObservation(gymnasium.ObservationWrapper):
+    """The arm's observation with the task's target [x, y, z] appended."""
+
+    def __init__(self, env: gymnasium.Env) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        self.observation_space = gymnasium.spaces.Box(np.append(space.low, [-np.inf] * 3).astype(np.float32),
+                                                      np.append(space.high, [np.inf] * 3).astype(np.float32))
+        self._target = np.asarray(env.unwrapped.task["target"], dtype=np.float32)
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        return np.concatenate([obs, self._target]).astype(np.float32)
+
+
+class ObservedTargetReach(ArmReachFamily):
+    """arm_reach, same splits, but the target is in the observation (a diagnostic, not a meta task)."""
+
+    name = "arm_reach_observed_target"
+
+    def make_env(self, task: dict) -> gymnasium.Env:
+        return _TargetInObservation(super().make_env(task))
+
+
+def _rollouts(agent, family, tasks: list[dict], episodes: int, seed: int) -> list[tuple[dict, object]]:
+    rng = np.random.default_rng(seed)
+    return [(task, e) for i, task in enumerate(tasks)
+            for e in rollout(make_checked_env(family, task, f"t{i}"), agent, episodes=episodes, rng=rng)]
+
+
+def _contexts(agent, runs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """z of every step, the target (x, y) it should tell, and the step index."""
+    z, target, step = [], [], []
+    for task, episode in runs:
+        batch = episodes_to_batch([episode], agent.cfg.history_len)
+        with torch.no_grad():
+            z.append(agent.contexts(batch.hist, batch.hist_len))
+        target.append(torch.tensor([task["target"][:2]] * len(episode), dtype=torch.float32))
+        step.append(np.arange(len(episode)))
+    return torch.cat(z), torch.cat(target), np.concatenate(step)
+
+
+def _fit_decoder(z: torch.Tensor, target: torch.Tensor, iters: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(z.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                              torch.nn.ReLU(), torch.nn.Linear(256, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(iters):
+        idx = torch.randint(0, len(z), (256,))
+        loss = (net(z[idx]) - target[idx]).pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def _by_step(values: np.ndarray, step: np.ndarray) -> dict[int, float]:
+    return {s: float(values[step == s].mean()) for s in STEPS if np.any(step == s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
+    parser.add_argument("--tasks", type=int, default=10, help="first N train and test targets evaluated")
+    parser.add_argument("--episodes", type=int, default=2, help="deterministic episodes per target")
+    parser.add_argument("--decoder-iters", type=int, default=4000)
+    parser.add_argument("--observed-steps", type=int, default=0,
+                        help="also meta-train with the target observed for this many steps (0: skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    path = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
+    ckpt = load_checkpoint(path)
+    agent = agent_from_checkpoint(ckpt)
+    family = ArmReachFamily()
+    if ckpt.family != family.name:
+        parser.error(f"{path} was meta-trained on {ckpt.family!r}; this benchmark is about arm_reach")
+    # The decoder learns from every train target (the region z must cover), and is scored on held-out ones.
+    fit_runs = _rollouts(agent, family, split_tasks(family, "train"), args.episodes, args.seed)
+    decoder = _fit_decoder(*_contexts(agent, fit_runs)[:2], args.decoder_iters, args.seed)
+
+    result: dict = {"checkpoint": path, "steps": list(STEPS)}
+    for split in ("train", "test"):
+        tasks = split_tasks(family, split)[: args.tasks]
+        runs = [r for r in fit_runs if r[0] in tasks] if split == "train" else \
+            _rollouts(agent, family, tasks, args.episodes, args.seed)
+        z, target, step = _contexts(agent, runs)
+        with torch.no_grad():
+            error = (decoder(z) - target).norm(dim=1).numpy()
+        distance = np.concatenate([-e.rewards for _, e in runs])
+        result[split] = {
+            "context_error_cm": {s: 100 * v for s, v in _by_step(error, step).items()},
+            "policy_distance_cm": {s: 100 * v for s, v in _by_step(distance, step).items()},
+            "policy_return": float(np.mean([e.rewards.sum() for _, e in runs])),
+            "oracle_return": float(np.mean([family.oracle_return(t) for t in tasks])),
+        }
+
+    if args.observed_steps:
+        observed = ObservedTargetReach()
+        cfg = replace(ckpt.config, use_context=False)
+        observed_agent, _ = meta_train(observed, cfg, args.observed_steps, seed=args.seed, progress=False)
+        for split in ("train", "test"):
+            runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
+                             args.seed)
+            distance = np.concatenate([-e.rewards for _, e in runs])
+            step = np.concatenate([np.arange(len(e)) for _, e in runs])
+            result[split]["observed_distance_cm"] = {s: 100 * v for s, v in _by_step(distance, step).items()}
+            result[split]["observed_return"] = float(np.mean([e.rewards.sum() for _, e in runs]))
+
+    print(f"checkpoint {path}; first {args.tasks} targets per split, {args.episodes} episodes each"
+          + (f"; target-observed run {args.observed_steps} steps" if args.observed_steps else ""))
+    print("| split | measure | " + " | ".join(f"step {s}" for s in STEPS) + " | return |")
+    print("|---|---|" + "---|" * (len(STEPS) + 1))
+    rows = (("context_error_cm", "target error decoded from z (cm)", None),
+            ("policy_distance_cm", "meta policy's tool distance (cm)", "policy_return"),
+            ("observed_distance_cm", "tool distance, target observed (cm)", "observed_return"))
+    for split in ("train", "test"):
+        row = result[split]
+        for key, label, ret in rows:
+            if key in row:
+                cells = " | ".join(f"{row[key][s]:.1f}" if s in row[key] else "" for s in STEPS)
+                print(f"| {split} | {label} | {cells} | {f'{row[ret]:.2f}' if ret else ''} |")
+        print(f"| {split} | IK oracle | " + " | " * len(STEPS) + f"{row['oracle_return']:.2f} |")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
