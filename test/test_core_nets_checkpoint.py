@@ -1,6 +1,7 @@
 """Checkpoints round-trip bit-exactly; every bad file is a CheckpointError naming it; DeployedPolicy = torch."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from mql_ros.core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from mql_ros.core.config import MQLConfig
+from mql_ros.core.config import MQLConfig, load_config
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import CheckpointError, InputError
 from mql_ros.core.replay import episodes_to_batch
@@ -182,3 +183,11 @@ def test_a_version_1_checkpoint_loads_with_unit_input_scales(tmp_path):
     loaded = agent_from_checkpoint(load_checkpoint(old))
     for nets in (loaded.nets, loaded.targets):
         assert torch.equal(nets["critic_encoder"].input_scale, torch.ones(ROBOT.obs_dim + ROBOT.act_dim + 1))
+
+
+def test_shipped_checkpoint_holds_the_config_of_its_documented_training_command():
+    """README: `mql-ros train ... --config config/arm_reach_train.yaml` reproduces checkpoints/arm_reach.pt."""
+    root = Path(__file__).resolve().parents[1]
+    shipped = load_checkpoint(root / "checkpoints" / "arm_reach.pt")
+    assert shipped.family == "arm_reach"
+    assert shipped.config == load_config(root / "config" / "arm_reach_train.yaml")
