@@ -58,8 +58,9 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     # The encoder's first step: from here on it has matched every topic it needs (on a loaded machine DDS
     # discovery of the reward publisher can lag the commands by seconds, and a step without its reward is
     # dropped), so what follows is the steady state this test is about.
-    probe.wait_for(lambda: first_pushed_ns(probe) is not None, 30.0,
-                   lambda: f"a context from a pushed step; encoder: {diagnostic_values(probe, 'context_encoder')[-1:]}")
+    encoder_status = lambda: diagnostic_values(probe, "context_encoder")[-1:]  # noqa: E731
+    first_step_ns = probe.wait_for(lambda: first_pushed_ns(probe), 30.0,
+                                   lambda: f"a context from a pushed step; encoder: {encoder_status()}")
     first_end = ends()
     probe.wait_for(lambda: ends() >= first_end + 3, 30.0, "three full episodes with the policy running")
 
@@ -81,11 +82,10 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     # test process (a long pytest run's garbage collection) is not taken for a gap in the encoder.
     t_cmd = np.array(probe.published_ns("arm_controller/commands")) / 1e9
     t_ctx = np.array(probe.published_ns("mql/context")) / 1e9
-    lo_t, hi_t = first_pushed_ns(probe) / 1e9, t_cmd[-1]
+    lo_t, hi_t = first_step_ns / 1e9, t_cmd[-1]
     n_cmd = np.sum((t_cmd > lo_t) & (t_cmd <= hi_t))
     in_window = t_ctx[(t_ctx > lo_t) & (t_ctx <= hi_t)]
-    encoder = diagnostic_values(probe, "context_encoder")
-    assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd, encoder[-1:], ros_graph.logs())
+    assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd, encoder_status(), ros_graph.logs())
     assert np.max(np.diff(in_window)) < 0.25, "a gap of several control periods without a context"
     # The context is reset to zeros at every episode start, and is not zero once steps were pushed.
     assert any(np.allclose(m.data, 0.0) for _, m in contexts)
