@@ -97,7 +97,9 @@ def test_graph_policy_holds_last_sim_positions_within_state_timeout_when_the_sim
     probe = ros_graph.probe
     watch(probe)
     start_graph(ros_graph, tiny_checkpoint, episode_steps=100000)
-    probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 10, 90.0, "the policy acting")
+    # The probe's own discovery of the sim's state can lag the policy's: wait for both.
+    probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 10 and probe.received("joint_states"),
+                   90.0, "the policy acting and the probe receiving the sim's joint states")
     ros_graph.nodes["sim_arm"].stop(signal.SIGINT)
     stopped_at = probe.stamped("joint_states")[-1][0]
     last = np.array(probe.received("joint_states")[-1].position)
