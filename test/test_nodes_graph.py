@@ -58,7 +58,9 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     # The encoder's first step: from here on it has matched every topic it needs (on a loaded machine DDS
     # discovery of the reward publisher can lag the commands by seconds, and a step without its reward is
     # dropped), so what follows is the steady state this test is about.
-    encoder_status = lambda: diagnostic_values(probe, "context_encoder")[-1:]  # noqa: E731
+    def encoder_status() -> list:
+        return diagnostic_values(probe, "context_encoder")[-1:]
+
     first_step_ns = probe.wait_for(lambda: first_pushed_ns(probe), 30.0,
                                    lambda: f"a context from a pushed step; encoder: {encoder_status()}")
     first_end = ends()
