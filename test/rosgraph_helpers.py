@@ -186,9 +186,10 @@ def diagnostic_values(probe: Probe, node_name: str) -> list[dict[str, str]]:
 
 
 def wait_collecting(probe: Probe, node_name: str, steps: int = 20, timeout: float = 60.0) -> None:
-    """Wait until an adaptation node reports on /diagnostics (statuses received from now on) that it has
-    built `steps` steps of the episode in progress: its subscriptions are matched and it records what the
-    graph publishes. Commands seen by the probe do not show that (discovery is per subscriber)."""
+    """Wait until a node that builds steps (adaptation, context_encoder) reports on /diagnostics (statuses
+    received from now on) that it has built `steps` steps of the episode in progress: its subscriptions are
+    matched and it hears what the graph publishes. Commands seen by the probe do not show that (discovery is
+    per subscriber)."""
     since = len(diagnostic_values(probe, node_name))
     probe.wait_for(lambda: any(int(d.get("episode_steps", 0)) >= steps
                                for d in diagnostic_values(probe, node_name)[since:]),

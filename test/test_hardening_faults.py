@@ -76,6 +76,12 @@ def finished_bags(archive: Path) -> set[Path]:
 
 
 def wait_acting(probe, timeout: float = 90.0) -> None:
+    """The policy acting on a context the encoder built from steps, not only on its episode-start zero, and
+    the probe hearing the sim and the policy: DDS discovery is per pair of processes, so the policy acting
+    shows neither that the encoder hears the sim, the policy and the reward, nor that the probe does."""
+    wait_collecting(probe, "context_encoder", steps=5, timeout=timeout)
+    probe.wait_for(lambda: probe.received("joint_states") and commands(probe), timeout,
+                   "the probe receiving joint states and commands")
     probe.wait_for(lambda: policy_status(probe)["_message"] == "running", timeout,
                    lambda: f"the policy acting (its status: {policy_status(probe)['_message']!r})")
 
@@ -171,7 +177,7 @@ def test_when_the_context_encoder_dies_the_policy_holds_and_acts_again_when_it_r
     wait_acting(probe)
     ros_graph.nodes["context_encoder"].interrupt(signal.SIGKILL)
     probe.wait_for(lambda: "context is" in policy_status(probe)["_message"], 5.0,
-                   "the policy holding on a stale context (context_timeout)")
+                   lambda: f"the policy holding on a stale context (its status: {policy_status(probe)['_message']!r})")
     n = commands(probe)
     probe.wait_for(lambda: commands(probe) > n + 10, 5.0, "hold commands")
     states = [np.array(m.position) for m in probe.received("joint_states")[-20:]]
