@@ -7,7 +7,7 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
   MQL other-lambda  the same with the other proximal rule: lambda = 1 - ESS where the checkpoint's config
                fixes lambda (the library default, as in the authors' released configurations), fixed
                lambda where it uses ESS: the ablation that decides the default
-  (MQL uses the checkpoint's adaptation config.)
+  (MQL uses the checkpoint's adaptation config, with any --adapt KEY=VALUE overrides.)
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
                (arm families: the best held joint target found by sampled inverse kinematics, simulated on
@@ -19,6 +19,7 @@ The seed changes the new-task episode's and the evaluation episodes' initial sta
 and the update sampling; the meta-trained checkpoint is the same for every seed (one meta-training run).
 
     python benchmarks/adaptation.py [--checkpoint checkpoints/arm_reach.pt] [--seeds 3] [--json]
+        [--adapt archive_iters=400 proximal=ess ...]
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import yaml
 
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
+from mql_ros.core.config import AdaptConfig
+from mql_ros.core.errors import ConfigError
 from mql_ros.core.paths import share_file
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.snapshots import rollout_snapshots
@@ -67,6 +71,20 @@ def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates,
     return out
 
 
+def adapt_overridden(cfg: AdaptConfig, items: list[str], parser: argparse.ArgumentParser) -> AdaptConfig:
+    """`cfg` with KEY=VALUE overrides (values read as YAML scalars), checked like a config file's adapt:."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--adapt {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        return AdaptConfig.from_dict({**cfg.to_dict(), **overrides})
+    except ConfigError as exc:
+        parser.error(f"--adapt: {exc}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
@@ -77,6 +95,8 @@ def main() -> None:
     parser.add_argument("--oracle-episodes", type=int, default=20)
     parser.add_argument("--oracle-updates", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adapt", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +105,7 @@ def main() -> None:
     ckpt = load_checkpoint(path)
     agent = agent_from_checkpoint(ckpt)
     family = resolve_family(ckpt.family)
-    cfg = agent.cfg.adapt
+    cfg = adapt_overridden(agent.cfg.adapt, args.adapt, parser)
     other_rule = "ess" if cfg.proximal == "fixed" else "fixed"
     start = time.perf_counter()
     table: dict = {}

@@ -24,15 +24,23 @@ def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_adaptation_benchmark_runs_end_to_end_and_reports_the_gap_closed():
+def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_the_gap_closed():
     out = _run("benchmarks/adaptation.py", "--seeds", "1", "--tasks", "1", "--episodes", "1", "--splits", "test",
-               "--json")
+               "--adapt", "new_task_iters=2", "archive_iters=3", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "adaptation 2+3 iterations" in out.stdout
     assert "| split | tasks | zero-shot | MQL |" in out.stdout
     row = _last_json(out.stdout)["test"]
     assert row["tasks"] == 1 and row["seeds"] == 1
     assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning"}
     assert all(math.isfinite(v) for v in row["mean"].values())
+
+
+def test_adaptation_benchmark_refuses_a_bad_adapt_override_before_any_work():
+    for item, named in (("archive_iters=-1", "archive_iters"), ("archive_itters=400", "archive_itters"),
+                        ("archive_iters", "KEY=VALUE")):
+        out = _run("benchmarks/adaptation.py", "--adapt", item)
+        assert out.returncode == 2 and named in out.stderr, (item, out.stderr[-2000:])
 
 
 def test_speed_benchmark_reports_both_contenders_and_the_gru_path():
