@@ -194,3 +194,14 @@ def wait_collecting(probe: Probe, node_name: str, steps: int = 20, timeout: floa
     probe.wait_for(lambda: any(int(d.get("episode_steps", 0)) >= steps
                                for d in diagnostic_values(probe, node_name)[since:]),
                    timeout, f"{node_name} collecting {steps} steps of the episode in progress")
+
+
+def wait_control_loop_connected(probe: Probe, timeout: float = 90.0) -> None:
+    """Wait until sim_arm -> context_encoder -> policy is connected end to end, as far as a test can see it:
+    the encoder builds steps (it hears the sim's state, the policy's commands and the reward) and the probe
+    receives joint states and arm commands (it must subscribe to both). DDS discovery is per pair of
+    processes and can lag by seconds on a loaded machine, so one of these does not imply the others; a
+    policy acting on the encoder's episode-start zero context shows none of them."""
+    wait_collecting(probe, "context_encoder", steps=5, timeout=timeout)
+    probe.wait_for(lambda: probe.received("joint_states") and probe.received("arm_controller/commands"), timeout,
+                   "the probe receiving joint states and arm commands")

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rosgraph_helpers import ROOT, diagnostic_values, wait_collecting  # noqa: E402
+from rosgraph_helpers import ROOT, diagnostic_values, wait_collecting, wait_control_loop_connected  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -76,12 +76,8 @@ def finished_bags(archive: Path) -> set[Path]:
 
 
 def wait_acting(probe, timeout: float = 90.0) -> None:
-    """The policy acting on a context the encoder built from steps, not only on its episode-start zero, and
-    the probe hearing the sim and the policy: DDS discovery is per pair of processes, so the policy acting
-    shows neither that the encoder hears the sim, the policy and the reward, nor that the probe does."""
-    wait_collecting(probe, "context_encoder", steps=5, timeout=timeout)
-    probe.wait_for(lambda: probe.received("joint_states") and commands(probe), timeout,
-                   "the probe receiving joint states and commands")
+    """The control loop connected end to end and the policy acting on it."""
+    wait_control_loop_connected(probe, timeout)
     probe.wait_for(lambda: policy_status(probe)["_message"] == "running", timeout,
                    lambda: f"the policy acting (its status: {policy_status(probe)['_message']!r})")
 

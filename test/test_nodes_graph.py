@@ -12,7 +12,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("mql_ros.core.transitions")  # the context encoder's step rule (archive issue)
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rosgraph_helpers import diagnostic_values  # noqa: E402
+from rosgraph_helpers import diagnostic_values, wait_control_loop_connected  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -99,9 +99,7 @@ def test_graph_policy_holds_last_sim_positions_within_state_timeout_when_the_sim
     probe = ros_graph.probe
     watch(probe)
     start_graph(ros_graph, tiny_checkpoint, episode_steps=100000)
-    # The probe's own discovery of the sim's state can lag the policy's: wait for both.
-    probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 10 and probe.received("joint_states"),
-                   90.0, "the policy acting and the probe receiving the sim's joint states")
+    wait_control_loop_connected(probe)
     ros_graph.nodes["sim_arm"].stop(signal.SIGINT)
     stopped_at = probe.stamped("joint_states")[-1][0]
     last = np.array(probe.received("joint_states")[-1].position)
@@ -157,11 +155,13 @@ def test_graph_policy_holds_when_the_context_encoder_dies(ros_graph, tiny_checkp
     probe = ros_graph.probe
     watch(probe)
     start_graph(ros_graph, tiny_checkpoint, episode_steps=100000)
+    wait_control_loop_connected(probe)
     probe.wait_for(lambda: any(d["_message"] == "running" for d in diagnostic_values(probe, "policy")), 90.0,
                    "the policy acting on a fresh context")
     ros_graph.nodes["context_encoder"].stop(signal.SIGKILL)
     probe.wait_for(lambda: "context is" in diagnostic_values(probe, "policy")[-1]["_message"], 10.0,
-                   "the policy holding because the context went stale")
+                   lambda: "the policy holding because the context went stale (its status: "
+                           f"{diagnostic_values(probe, 'policy')[-1]['_message']!r})")
     # Holding = commanding the measured positions: the latest command equals a recent joint state.
     states = [np.array(m.position) for m in probe.received("joint_states")[-10:]]
     last_cmd = np.array(probe.received("arm_controller/commands")[-1].data)
