@@ -72,13 +72,20 @@ def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates,
 
 
 def adapt_overridden(cfg: AdaptConfig, items: list[str], parser: argparse.ArgumentParser) -> AdaptConfig:
-    """`cfg` with KEY=VALUE overrides (values read as YAML scalars), checked like a config file's adapt:."""
+    """`cfg` with KEY=VALUE overrides, checked like a config file's adapt:. Values are YAML scalars, except
+    that 1e-3 is a number (YAML 1.1, which PyYAML reads, takes it for a string)."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--adapt {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(value)
+            except ValueError:
+                pass
+        overrides[key] = parsed
     try:
         return AdaptConfig.from_dict({**cfg.to_dict(), **overrides})
     except ConfigError as exc:
