@@ -7,19 +7,21 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
   MQL other-lambda  the same with the other proximal rule: lambda = 1 - ESS where the checkpoint's config
                fixes lambda (the library default, as in the authors' released configurations), fixed
                lambda where it uses ESS: the ablation that decides the default
-  (MQL uses the checkpoint's adaptation config, with any --adapt KEY=VALUE overrides.)
+  (MQL uses the checkpoint's adaptation config, with any --adapt-set KEY=VALUE overrides.)
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
                (arm families: the best held joint target found by sampled inverse kinematics, simulated on
                the real task; point_goal: the exact optimum); otherwise a per-task policy trained from the
                meta weights on abundant data of that task alone (--oracle-episodes, --oracle-updates)
-gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means.
+gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means, with a 90% bootstrap
+interval (tasks resampled, then seeds within each task) for it and for MQL's lead over fine-tuning: with a
+handful of tasks one adaptation can move a task's return by more than the whole gap.
 
 The seed changes the new-task episode's and the evaluation episodes' initial states, the snapshot rollouts
 and the update sampling; the meta-trained checkpoint is the same for every seed (one meta-training run).
 
     python benchmarks/adaptation.py [--checkpoint checkpoints/arm_reach.pt] [--seeds 3] [--json]
-        [--adapt archive_iters=400 proximal=ess ...]
+        [--adapt-set archive_iters=400 proximal=ess ...]
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import yaml
 
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
-from mql_ros.core.config import AdaptConfig
 from mql_ros.core.errors import ConfigError
 from mql_ros.core.paths import share_file
 from mql_ros.core.replay import MultiTaskReplay
@@ -71,25 +71,24 @@ def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates,
     return out
 
 
-def adapt_overridden(cfg: AdaptConfig, items: list[str], parser: argparse.ArgumentParser) -> AdaptConfig:
-    """`cfg` with KEY=VALUE overrides, checked like a config file's adapt:. Values are YAML scalars, except
-    that 1e-3 is a number (YAML 1.1, which PyYAML reads, takes it for a string)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--adapt {item!r}: expected KEY=VALUE")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):
-            try:
-                parsed = float(value)
-            except ValueError:
-                pass
-        overrides[key] = parsed
-    try:
-        return AdaptConfig.from_dict({**cfg.to_dict(), **overrides})
-    except ConfigError as exc:
-        parser.error(f"--adapt: {exc}")
+def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: int = 2000) -> dict:
+    """90% bootstrap intervals of each adapted method's gap closed and of MQL's lead over fine-tuning (as a
+    share of the gap). cells[method] holds seeds x tasks returns; tasks are resampled, then seeds within
+    each drawn task, since a task's returns over seeds are not independent of each other."""
+    n_seeds, n_tasks = cells["zero-shot"].shape
+    draws: dict[str, list[float]] = {m: [] for m in (*ADAPTED, "MQL - fine-tuning")}
+    for _ in range(reps):
+        t = rng.integers(0, n_tasks, size=n_tasks)
+        s = rng.integers(0, n_seeds, size=(n_seeds, n_tasks))
+        means = {m: float(cells[m][s, t].mean()) for m in METHODS}
+        gap = means["oracle"] - means["zero-shot"]
+        if abs(gap) < 1e-9:
+            continue
+        for m in ADAPTED:
+            draws[m].append((means[m] - means["zero-shot"]) / gap)
+        draws["MQL - fine-tuning"].append((means["MQL"] - means["fine-tuning"]) / gap)
+    return {m: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] if v else [float("nan")] * 2
+            for m, v in draws.items()}
 
 
 def main() -> None:
@@ -102,7 +101,7 @@ def main() -> None:
     parser.add_argument("--oracle-episodes", type=int, default=20)
     parser.add_argument("--oracle-updates", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--adapt", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -112,36 +111,41 @@ def main() -> None:
     ckpt = load_checkpoint(path)
     agent = agent_from_checkpoint(ckpt)
     family = resolve_family(ckpt.family)
-    cfg = adapt_overridden(agent.cfg.adapt, args.adapt, parser)
+    try:
+        cfg = agent.cfg.adapt.with_overrides(args.adapt_set)
+    except ConfigError as exc:
+        parser.error(f"--adapt-set: {exc}")
     other_rule = "ess" if cfg.proximal == "fixed" else "fixed"
     start = time.perf_counter()
     table: dict = {}
     for split in args.splits:
         tasks = split_tasks(family, split)
         tasks = tasks[: args.tasks] if args.tasks else tasks
-        per_seed = {m: [] for m in METHODS}
+        cells = {m: [] for m in METHODS}  # per seed: the per-task returns
         for seed in range(args.seeds):
             snapshot = rollout_snapshots(agent, family, episodes_per_task=4, seed=seed)
-            per_seed["zero-shot"].append(np.mean(evaluate(agent, family, tasks, args.episodes, seed=seed)))
-            mql, _ = evaluate_adapted(agent, family, tasks, snapshot, cfg, args.episodes, seed=seed, split=split)
-            per_seed["MQL"].append(np.mean(mql))
-            other, _ = evaluate_adapted(agent, family, tasks, snapshot, replace(cfg, proximal=other_rule),
-                                        args.episodes, seed=seed, split=split)
-            per_seed["MQL other-lambda"].append(np.mean(other))
-            ft, _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg), args.episodes, seed=seed,
-                                     split=split)
-            per_seed["fine-tuning"].append(np.mean(ft))
-            per_seed["oracle"].append(np.mean(oracle_returns(agent, family, tasks, split, args.episodes,
-                                                             args.oracle_episodes, args.oracle_updates, seed)))
+            cells["zero-shot"].append(evaluate(agent, family, tasks, args.episodes, seed=seed))
+            cells["MQL"].append(evaluate_adapted(agent, family, tasks, snapshot, cfg, args.episodes, seed=seed,
+                                                 split=split)[0])
+            cells["MQL other-lambda"].append(evaluate_adapted(agent, family, tasks, snapshot,
+                                                              replace(cfg, proximal=other_rule), args.episodes,
+                                                              seed=seed, split=split)[0])
+            cells["fine-tuning"].append(evaluate_adapted(agent, family, tasks, None, finetune_config(cfg),
+                                                         args.episodes, seed=seed, split=split)[0])
+            cells["oracle"].append(oracle_returns(agent, family, tasks, split, args.episodes,
+                                                  args.oracle_episodes, args.oracle_updates, seed))
             print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "
-                  + ", ".join(f"{m} {per_seed[m][-1]:.2f}" for m in METHODS), flush=True)
-        means = {m: float(np.mean(v)) for m, v in per_seed.items()}
+                  + ", ".join(f"{m} {np.mean(cells[m][-1]):.2f}" for m in METHODS), flush=True)
+        cells = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
+        means = {m: float(v.mean()) for m, v in cells.items()}
         gap = means["oracle"] - means["zero-shot"]
         table[split] = {
             "tasks": len(tasks), "seeds": args.seeds,
-            "mean": means, "std_over_seeds": {m: float(np.std(v)) for m, v in per_seed.items()},
+            "mean": means, "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in cells.items()},
             "gap_closed": {m: (means[m] - means["zero-shot"]) / gap if abs(gap) > 1e-9 else float("nan")
                            for m in ADAPTED},
+            "gap_closed_90": gap_intervals(cells, np.random.default_rng(0)),
+            "per_task": {m: v.tolist() for m, v in cells.items()},
         }
     print(f"\ncheckpoint {path} ({family.name}); {args.seeds} seeds; {args.episodes} eval episodes per task; "
           f"adaptation {cfg.new_task_iters}+{cfg.archive_iters} iterations, MQL lambda {cfg.proximal}, "
@@ -151,9 +155,14 @@ def main() -> None:
     print(f"| split | tasks | {' | '.join(METHODS)} | " + " | ".join(f"gap closed: {m}" for m in ADAPTED) + " |")
     print("|---|---|" + "---|" * (len(METHODS) + len(ADAPTED)))
     for split, row in table.items():
-        cells = [f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS]
+        returns = " | ".join(f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS)
         gaps = " | ".join(f"{row['gap_closed'][m]:.2f}" for m in ADAPTED)
-        print(f"| {split} | {row['tasks']} | {' | '.join(cells)} | {gaps} |")
+        print(f"| {split} | {row['tasks']} | {returns} | {gaps} |")
+    print("\n90% bootstrap intervals of the gap closed (tasks resampled, then seeds within each task):")
+    print(f"| split | {' | '.join(ADAPTED)} | MQL - fine-tuning |")
+    print("|---|" + "---|" * (len(ADAPTED) + 1))
+    for split, row in table.items():
+        print(f"| {split} | " + " | ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in row["gap_closed_90"].values()) + " |")
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
         print(json.dumps(table))

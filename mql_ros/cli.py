@@ -23,6 +23,11 @@ def _family_arg(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="built-in family (arm_reach, arm_payload, point_goal) or package.module:attribute")
 
 
+def _adapt_set_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400 proximal=ess")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mql-ros", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt", action="store_true", help="also adapt to each task with MQL and evaluate")
     p.add_argument("--finetune", action="store_true", help="also evaluate naive fine-tuning on the same data")
     p.add_argument("--new-steps", type=int, default=0, help="new-task transitions to collect (0: one episode)")
+    _adapt_set_arg(p)
     p.add_argument("--archive", help="archive of meta-training data (default: a snapshot rolled out anew)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -61,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-id", help="task id for bags that carry no /mql/episode topic")
     p.add_argument("--out", required=True, help="adapted checkpoint to write (report .txt/.png beside it)")
     p.add_argument("--new-steps", type=int, default=0)
+    _adapt_set_arg(p)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("archive", help="inspect a replay archive")
@@ -137,6 +144,7 @@ def cmd_eval(args) -> int:
     from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
 
     agent, ckpt = _load_agent(args.checkpoint)
+    cfg = _adapt_config(agent.cfg.adapt, args)
     family = resolve_family(args.family or ckpt.family)
     tasks = split_tasks(family, args.split)
     tasks = tasks[: args.tasks] if args.tasks > 0 else tasks
@@ -146,7 +154,6 @@ def cmd_eval(args) -> int:
     result["zero_shot"] = {"mean": float(np.mean(zero)), "per_task": zero}
     print(f"zero-shot   {args.split}: mean return {np.mean(zero):8.2f} over {len(tasks)} tasks")
     if args.adapt or args.finetune:
-        cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
         archive = _load_or_roll_archive(args.archive, agent, family, args.seed)
         if args.adapt:
             ret, reports = evaluate_adapted(agent, family, tasks, archive, cfg, episodes=args.episodes,
@@ -174,7 +181,7 @@ def cmd_adapt(args) -> int:
     from mql_ros.core.training import collect_new_task_data
 
     agent, ckpt = _load_agent(args.checkpoint)
-    cfg = _with_new_steps(agent.cfg.adapt, args.new_steps)
+    cfg = _adapt_config(agent.cfg.adapt, args)
     encoding = bag_encoding(ckpt)
     # with --bags and --archive everything comes from recorded data: the family is not even imported
     family = None if args.bags and args.archive else resolve_family(args.family or ckpt.family)
@@ -298,14 +305,16 @@ def _load_agent(path: str):
     return agent_from_checkpoint(ckpt), ckpt
 
 
-def _with_new_steps(cfg, new_steps: int):
+def _adapt_config(stored, args):
+    """The checkpoint's adapt: settings with --adapt-set overrides, then --new-steps if given."""
     from dataclasses import replace
 
     from mql_ros.core.errors import InputError
 
-    if new_steps < 0:
-        raise InputError(f"--new-steps must be >= 0, got {new_steps}")
-    return replace(cfg, new_steps=new_steps) if new_steps else cfg
+    if args.new_steps < 0:
+        raise InputError(f"--new-steps must be >= 0, got {args.new_steps}")
+    cfg = stored.with_overrides(args.adapt_set)
+    return replace(cfg, new_steps=args.new_steps) if args.new_steps else cfg
 
 
 def _archive_replay(directory: str, agent, robot):

@@ -5,12 +5,16 @@ A benchmark that crashes after its long part (the adaptation table's print once 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +30,7 @@ def _last_json(stdout: str) -> dict:
 
 def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_the_gap_closed():
     out = _run("benchmarks/adaptation.py", "--seeds", "1", "--tasks", "1", "--episodes", "1", "--splits", "test",
-               "--adapt", "new_task_iters=2", "archive_iters=3", "lr=1e-3", "proximal=ess", "--json")
+               "--adapt-set", "new_task_iters=2", "archive_iters=3", "lr=1e-3", "proximal=ess", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "adaptation 2+3 iterations, MQL lambda ess, other-lambda fixed" in out.stdout
     assert "| split | tasks | zero-shot | MQL |" in out.stdout
@@ -34,13 +38,47 @@ def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_t
     assert row["tasks"] == 1 and row["seeds"] == 1
     assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning"}
     assert all(math.isfinite(v) for v in row["mean"].values())
+    assert set(row["gap_closed_90"]) == {"MQL", "MQL other-lambda", "fine-tuning", "MQL - fine-tuning"}
+    assert "90% bootstrap intervals of the gap closed" in out.stdout
 
 
 def test_adaptation_benchmark_refuses_a_bad_adapt_override_before_any_work():
     for item, named in (("archive_iters=-1", "archive_iters"), ("archive_itters=400", "archive_itters"),
                         ("archive_iters", "KEY=VALUE")):
-        out = _run("benchmarks/adaptation.py", "--adapt", item)
+        out = _run("benchmarks/adaptation.py", "--adapt-set", item)
         assert out.returncode == 2 and named in out.stderr, (item, out.stderr[-2000:])
+
+
+def _adaptation_benchmark_module():
+    spec = importlib.util.spec_from_file_location("adaptation_benchmark", ROOT / "benchmarks" / "adaptation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies():
+    bench = _adaptation_benchmark_module()
+    const = {"zero-shot": -4.0, "MQL": -3.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
+    cells = {m: np.full((3, 5), v) for m, v in const.items()}
+    got = bench.gap_intervals(cells, np.random.default_rng(0), reps=200)
+    assert got["MQL"] == pytest.approx([0.5, 0.5])
+    assert got["fine-tuning"] == pytest.approx([0.25, 0.25])
+    assert got["MQL - fine-tuning"] == pytest.approx([0.25, 0.25])
+
+
+def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate():
+    bench = _adaptation_benchmark_module()
+    rng = np.random.default_rng(1)
+    base = {"zero-shot": -4.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
+    cells = {m: np.full((3, 5), v) for m, v in base.items()}
+    widths = []
+    for spread in (0.1, 1.0):
+        cells["MQL"] = -3.0 + spread * rng.standard_normal((3, 5))
+        lo, hi = bench.gap_intervals(cells, np.random.default_rng(0), reps=500)["MQL"]
+        point = (cells["MQL"].mean() + 4.0) / 2.0
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+    assert widths[1] > 3 * widths[0]
 
 
 def test_speed_benchmark_reports_both_contenders_and_the_gru_path():

@@ -59,6 +59,31 @@ def test_adapt_without_archive_uses_rolled_out_snapshots_and_writes_checkpoint_a
     assert out.with_suffix(".report.txt").is_file()
 
 
+def test_adapt_set_overrides_the_stored_adaptation_settings_for_the_run(tiny_checkpoint, tmp_path):
+    from mql_ros.core.checkpoint import load_checkpoint
+
+    out = tmp_path / "adapted.pt"
+    r = run_cli("adapt", "--checkpoint", str(tiny_checkpoint), "--family", "point_goal", "--task-index", "0",
+                "--out", str(out), "--adapt-set", "new_task_iters=2", "archive_iters=3", "proximal=ess")
+    assert r.returncode == 0, r.stderr
+    report = load_checkpoint(out).extra["report"]
+    assert (report["config"]["archive_iters"], report["config"]["proximal"]) == (3, "ess")
+    assert [loss["phase"] for loss in report["losses"]] == ["new", "new", "archive", "archive", "archive"]
+    assert load_checkpoint(tiny_checkpoint).config.adapt.archive_iters == 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--checkpoint", "x.pt", "--adapt", "--adapt-set", "archive_itters=3"), "archive_itters"),
+    (("adapt", "--checkpoint", "x.pt", "--task-index", "0", "--out", "y.pt", "--adapt-set", "lr"),
+     "expected KEY=VALUE"),
+])
+def test_bad_adapt_set_exits_2_naming_the_item(tiny_checkpoint, tmp_path, args, message):
+    args = tuple(str(tiny_checkpoint) if a == "x.pt" else a for a in args)
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (("train", "--family", "no_such_family", "--steps", "10", "--out", "x.pt"), "unknown task family"),
     (("train", "--family", "point_goal", "--steps", "0", "--out", "x.pt"), "--steps"),

@@ -26,6 +26,25 @@ def test_overrides_merge_into_the_nested_adapt_section(tmp_path):
     assert (cfg.batch_size, cfg.adapt.archive_iters, cfg.adapt.lr) == (32, 7, 1e-3)
 
 
+def test_command_line_adapt_overrides_read_yaml_scalars_and_scientific_notation():
+    cfg = AdaptConfig().with_overrides(["archive_iters=400", "lr=1e-3", "proximal=ess", "use_propensity=false"])
+    assert (cfg.archive_iters, cfg.lr, cfg.proximal, cfg.use_propensity) == (400, 1e-3, "ess", False)
+    assert AdaptConfig().with_overrides([]) == AdaptConfig()
+
+
+@pytest.mark.parametrize("item, message", [
+    ("archive_iters", "expected KEY=VALUE"),
+    ("=3", "expected KEY=VALUE"),
+    ("archive_itters=400", r"unknown config key\(s\) \['archive_itters'\]"),
+    ("archive_iters=-1", "archive_iters"),
+    ("proximal=sometimes", "proximal"),
+    ("lr=nan", "lr"),
+])
+def test_bad_command_line_adapt_overrides_name_the_item(item, message):
+    with pytest.raises(ConfigError, match=message):
+        AdaptConfig().with_overrides([item])
+
+
 @pytest.mark.parametrize("d, message", [
     ({"histroy_len": 5}, r"unknown config key\(s\) \['histroy_len'\]; valid keys: \['history_len'"),
     ({"adapt": {"beta": 1}}, r"adapt: unknown config key\(s\) \['beta'\]; valid keys: \['use_propensity'"),

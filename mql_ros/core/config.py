@@ -14,6 +14,7 @@ per second (benchmarks/speed.py --shared-encoder) but learned slightly worse in 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,24 @@ class AdaptConfig:
     def from_dict(cls, d: dict) -> AdaptConfig:
         _reject_unknown("adapt: ", d, cls)
         return cls(**d)
+
+    def with_overrides(self, items: Sequence[str]) -> AdaptConfig:
+        """This config with KEY=VALUE overrides (the command line's), checked like a config file's adapt:.
+        Values are YAML scalars, except that 1e-3 is a number (YAML 1.1, which PyYAML reads, takes it for a
+        string)."""
+        overrides = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"adapt override {item!r}: expected KEY=VALUE")
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str):
+                try:
+                    parsed = float(value)
+                except ValueError:
+                    pass
+            overrides[key] = parsed
+        return AdaptConfig.from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
