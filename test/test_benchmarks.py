@@ -81,6 +81,18 @@ def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimat
     assert widths[1] > 3 * widths[0]
 
 
+def test_validation_guard_benchmark_compares_each_margin_with_always_accepting_and_hindsight():
+    out = _run("benchmarks/validation_guard.py", "--tasks", "2", "--seeds", "1", "--episodes", "1",
+               "--adapt-set", "new_task_iters=2", "archive_iters=3", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = _last_json(out.stdout)
+    accepted = [row["accepted"] for row in res["margins"].values()]
+    assert accepted == sorted(accepted) and all(0 <= a <= 2 for a in accepted)  # a larger margin refuses less
+    assert all(row["return_change"] <= res["hindsight"] + 1e-9 for row in res["margins"].values())
+    assert res["always_accept"] <= res["hindsight"] + 1e-9
+    assert "| always accept (baseline) | 2/2 |" in out.stdout
+
+
 def test_speed_benchmark_reports_both_contenders_and_the_gru_path():
     out = _run("benchmarks/speed.py", "--quick", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
