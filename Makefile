@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(RUN) $(PY) benchmarks/speed.py
 	$(RUN) $(PY) benchmarks/adaptation.py
+	$(RUN) $(PY) benchmarks/validation_guard.py
 	$(RUN) $(PY) benchmarks/archive.py
 	$(RUN) $(PY) benchmarks/ros_latency.py
 	$(RUN) $(PY) benchmarks/soak.py

@@ -31,12 +31,9 @@ import json
 import time
 from dataclasses import replace
 
+import adapt_setup  # benchmarks/adapt_setup.py, beside this script
 import numpy as np
-import torch
 
-from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
-from mql_ros.core.errors import ConfigError
-from mql_ros.core.paths import share_file
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.snapshots import rollout_snapshots
 from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
@@ -93,28 +90,16 @@ def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
+    adapt_setup.add_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--splits", nargs="+", default=["test", "ood"])
     parser.add_argument("--tasks", type=int, default=0, help="first N tasks of each split (0: all)")
     parser.add_argument("--episodes", type=int, default=3, help="evaluation episodes per task")
     parser.add_argument("--oracle-episodes", type=int, default=20)
     parser.add_argument("--oracle-updates", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400")
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    path = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
-    ckpt = load_checkpoint(path)
-    agent = agent_from_checkpoint(ckpt)
+    path, ckpt, agent, cfg = adapt_setup.load(args, parser)
     family = resolve_family(ckpt.family)
-    try:
-        cfg = agent.cfg.adapt.with_overrides(args.adapt_set)
-    except ConfigError as exc:
-        parser.error(f"--adapt-set: {exc}")
     other_rule = "ess" if cfg.proximal == "fixed" else "fixed"
     start = time.perf_counter()
     table: dict = {}

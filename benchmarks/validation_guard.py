@@ -22,13 +22,11 @@ import argparse
 import json
 import time
 
+import adapt_setup  # benchmarks/adapt_setup.py, beside this script
 import numpy as np
-import torch
 
 from mql_ros.core.adaptation import adapt, validate_update
-from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
-from mql_ros.core.errors import ConfigError
-from mql_ros.core.paths import share_file
+from mql_ros.core.checkpoint import agent_from_checkpoint
 from mql_ros.core.snapshots import rollout_snapshots
 from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
 from mql_ros.core.training import rollout
@@ -44,25 +42,14 @@ def mean_return(agent, env, name: str, episodes: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
+    adapt_setup.add_arguments(parser)
     parser.add_argument("--split", default="test", choices=("train", "test", "ood"))
     parser.add_argument("--tasks", type=int, default=5, help="first N tasks of the split")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--episodes", type=int, default=2, help="evaluation episodes per task and policy")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400")
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    path = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
-    ckpt = load_checkpoint(path)
-    agent, meta_agent = agent_from_checkpoint(ckpt), agent_from_checkpoint(ckpt)
-    try:
-        cfg = agent.cfg.adapt.with_overrides(args.adapt_set)
-    except ConfigError as exc:
-        parser.error(f"--adapt-set: {exc}")
+    path, ckpt, agent, cfg = adapt_setup.load(args, parser)
+    meta_agent = agent_from_checkpoint(ckpt)  # the current policy the node would compare with
     family = resolve_family(ckpt.family)
     tasks = split_tasks(family, args.split)[: args.tasks]
     meta = agent.snapshot()

@@ -49,15 +49,18 @@ def test_adaptation_benchmark_refuses_a_bad_adapt_override_before_any_work():
         assert out.returncode == 2 and named in out.stderr, (item, out.stderr[-2000:])
 
 
-def _adaptation_benchmark_module():
+@pytest.fixture
+def adaptation_benchmark(monkeypatch):
+    """benchmarks/adaptation.py as a module, importing its sibling adapt_setup as the script does."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("adaptation_benchmark", ROOT / "benchmarks" / "adaptation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies():
-    bench = _adaptation_benchmark_module()
+def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies(adaptation_benchmark):
+    bench = adaptation_benchmark
     const = {"zero-shot": -4.0, "MQL": -3.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in const.items()}
     got = bench.gap_intervals(cells, np.random.default_rng(0), reps=200)
@@ -66,8 +69,8 @@ def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies():
     assert got["MQL - fine-tuning"] == pytest.approx([0.25, 0.25])
 
 
-def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate():
-    bench = _adaptation_benchmark_module()
+def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate(adaptation_benchmark):
+    bench = adaptation_benchmark
     rng = np.random.default_rng(1)
     base = {"zero-shot": -4.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in base.items()}
