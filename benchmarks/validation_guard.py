@@ -29,15 +29,9 @@ from mql_ros.core.adaptation import adapt, validate_update
 from mql_ros.core.checkpoint import agent_from_checkpoint
 from mql_ros.core.snapshots import rollout_snapshots
 from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
-from mql_ros.core.training import rollout
+from mql_ros.core.training import evaluate, rollout
 
 MARGINS = (0.0, 0.1, 0.25, 0.5)  # 0.1 is the node's default (config/mql.yaml)
-
-
-def mean_return(agent, env, name: str, episodes: int, seed: int) -> float:
-    """Mean return over `episodes` deterministic episodes whose initial states depend only on `seed`."""
-    eps = rollout(env, agent, episodes=episodes, rng=np.random.default_rng(seed), task_id=name)
-    return float(np.mean([e.rewards.sum() for e in eps]))
 
 
 def main() -> None:
@@ -62,11 +56,11 @@ def main() -> None:
             name = task_id(family, args.split, i)
             env = make_checked_env(family, task, name)
             eval_seed = int(rng.integers(2**31))
-            before = mean_return(agent, env, name, args.episodes, eval_seed)
+            before = evaluate(agent, family, [task], args.episodes, seed=eval_seed)[0]  # same states after
             new = rollout(env, agent, rng=rng, task_id=name)
             held = rollout(env, agent, rng=rng, task_id=name)
             adapt(agent, new, archive, cfg, seed=seed + i)
-            after = mean_return(agent, env, name, args.episodes, eval_seed)
+            after = evaluate(agent, family, [task], args.episodes, seed=eval_seed)[0]
             results = {m: validate_update(agent, meta_agent, held, m) for m in MARGINS}
             agent.restore(meta)
             cur, cand = results[0.0].current_score, results[0.0].candidate_score

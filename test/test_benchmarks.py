@@ -60,24 +60,22 @@ def adaptation_benchmark(monkeypatch):
 
 
 def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies(adaptation_benchmark):
-    bench = adaptation_benchmark
     const = {"zero-shot": -4.0, "MQL": -3.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in const.items()}
-    got = bench.gap_intervals(cells, np.random.default_rng(0), reps=200)
+    got = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=200)
     assert got["MQL"] == pytest.approx([0.5, 0.5])
     assert got["fine-tuning"] == pytest.approx([0.25, 0.25])
     assert got["MQL - fine-tuning"] == pytest.approx([0.25, 0.25])
 
 
 def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate(adaptation_benchmark):
-    bench = adaptation_benchmark
     rng = np.random.default_rng(1)
     base = {"zero-shot": -4.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in base.items()}
     widths = []
     for spread in (0.1, 1.0):
         cells["MQL"] = -3.0 + spread * rng.standard_normal((3, 5))
-        lo, hi = bench.gap_intervals(cells, np.random.default_rng(0), reps=500)["MQL"]
+        lo, hi = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=500)["MQL"]
         point = (cells["MQL"].mean() + 4.0) / 2.0
         assert lo <= point <= hi
         widths.append(hi - lo)
