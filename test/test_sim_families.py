@@ -126,3 +126,28 @@ def test_oracle_return_knows_the_task_and_beats_holding_the_home_pose():
         oracle = f.oracle_return(task)
         assert oracle > home + 10.0  # rewards are -distance per step: centimetres instead of decimetres
         assert oracle > -0.1 * env.episode_steps
+
+
+def test_tool_jacobian_predicts_how_the_tool_moves_with_the_arm_joints():
+    env = ArmReachFamily().make_env(ArmReachFamily().test_tasks()[0])
+    env.reset(seed=0)
+    index = [env.model.joint(j).qposadr[0] for j in env.robot.arm_joints]
+    env.data.qpos[index] = [0.3, 0.5, -0.8, 0.4]
+    mujoco.mj_kinematics(env.model, env.data)
+    mujoco.mj_comPos(env.model, env.data)
+    jac, before = env.tool_jacobian(), env.tool_position()
+    assert jac.shape == (3, env.robot.n_arm)
+    step = np.array([1e-4, -2e-4, 1.5e-4, 1e-4])
+    env.data.qpos[index] += step
+    mujoco.mj_kinematics(env.model, env.data)
+    np.testing.assert_allclose(env.tool_position() - before, jac @ step, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls, split, index, gain", [
+    (ArmReachFamily, "test", 0, 0.5),  # the arm's own weight: -2.69 held as sampled, -1.81 corrected
+    (ArmPayloadFamily, "test", 2, 1.5),  # a 1.3 kg payload: -5.80 and -3.70
+])
+def test_oracle_corrects_the_gravity_sag_of_a_held_command(cls, split, index, gain):
+    family = cls()
+    task = getattr(family, f"{split}_tasks")()[index]
+    assert family.oracle_return(task) > family.oracle_return(task, corrections=0) + gain

@@ -240,6 +240,13 @@ class ArmEnv(gymnasium.Env):
     def tool_position(self) -> np.ndarray:
         return self.data.xpos[self._tool].copy()
 
+    def tool_jacobian(self) -> np.ndarray:
+        """d(tool position)/d(arm joint positions) at the current state, 3 x n_arm: how a change of the held
+        arm command moves the tool (what an oracle needs to correct a steady-state miss)."""
+        jacp = np.zeros((3, self.model.nv))
+        mujoco.mj_jacBody(self.model, self.data, jacp, None, self._tool)
+        return jacp[:, self._arm_v]
+
     def distance(self) -> float:
         """Tool-to-target distance in metres."""
         return float(np.linalg.norm(self.data.xpos[self._tool] - self._target))
