@@ -10,10 +10,12 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
   (MQL uses the checkpoint's adaptation config, with any --adapt-set KEY=VALUE overrides.)
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
-               (arm families: the best held joint target found by sampled inverse kinematics, simulated on
-               the real task; point_goal: the exact optimum); otherwise a per-task policy trained from the
-               meta weights on abundant data of that task alone (--oracle-episodes, --oracle-updates)
-gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means, with a 90% bootstrap
+               (arm families: the best held joint target found by sampled inverse kinematics, corrected on
+               the real task for the servos' gravity sag; point_goal: the exact optimum); otherwise a per-task
+               policy trained from the meta weights on abundant data of that task alone (--oracle-episodes,
+               --oracle-updates)
+gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means (n/a where the oracle
+is not above zero-shot: there is no gap to close, and a fraction of a negative one flips sign), with a 90% bootstrap
 interval (tasks resampled, then seeds within each task) for it and for MQL's lead over fine-tuning: with a
 handful of tasks one adaptation can move a task's return by more than the whole gap.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 
@@ -40,6 +43,7 @@ from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, ta
 from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config, rollout
 
 METHODS = ("zero-shot", "MQL", "MQL other-lambda", "fine-tuning", "oracle")
+MIN_GAP = 1e-9  # return units: an oracle no better than zero-shot than this leaves no gap to close
 ADAPTED = ("MQL", "MQL other-lambda", "fine-tuning")
 
 
@@ -68,24 +72,36 @@ def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates,
     return out
 
 
+def gap_closed(means: dict[str, float]) -> dict[str, float]:
+    """(method - zero-shot) / (oracle - zero-shot) for each adapted method; NaN where the oracle is not above
+    zero-shot, since a fraction of a gap that is not there (or runs the other way) says nothing."""
+    gap = means["oracle"] - means["zero-shot"]
+    return {m: (means[m] - means["zero-shot"]) / gap if gap >= MIN_GAP else float("nan") for m in ADAPTED}
+
+
 def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: int = 2000) -> dict:
     """90% bootstrap intervals of each adapted method's gap closed and of MQL's lead over fine-tuning (as a
     share of the gap). cells[method] holds seeds x tasks returns; tasks are resampled, then seeds within
-    each drawn task, since a task's returns over seeds are not independent of each other."""
+    each drawn task, since a task's returns over seeds are not independent of each other. Draws in which the
+    oracle is not above zero-shot are left out (see gap_closed); NaN if every draw is."""
     n_seeds, n_tasks = cells["zero-shot"].shape
     draws: dict[str, list[float]] = {m: [] for m in (*ADAPTED, "MQL - fine-tuning")}
     for _ in range(reps):
         t = rng.integers(0, n_tasks, size=n_tasks)
         s = rng.integers(0, n_seeds, size=(n_seeds, n_tasks))
         means = {m: float(cells[m][s, t].mean()) for m in METHODS}
-        gap = means["oracle"] - means["zero-shot"]
-        if abs(gap) < 1e-9:
+        closed = gap_closed(means)
+        if math.isnan(closed["MQL"]):
             continue
         for m in ADAPTED:
-            draws[m].append((means[m] - means["zero-shot"]) / gap)
-        draws["MQL - fine-tuning"].append((means["MQL"] - means["fine-tuning"]) / gap)
+            draws[m].append(closed[m])
+        draws["MQL - fine-tuning"].append(closed["MQL"] - closed["fine-tuning"])
     return {m: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] if v else [float("nan")] * 2
             for m, v in draws.items()}
+
+
+def _fraction(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
 def main() -> None:
@@ -123,12 +139,10 @@ def main() -> None:
                   + ", ".join(f"{m} {np.mean(cells[m][-1]):.2f}" for m in METHODS), flush=True)
         cells = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
         means = {m: float(v.mean()) for m, v in cells.items()}
-        gap = means["oracle"] - means["zero-shot"]
         table[split] = {
             "tasks": len(tasks), "seeds": args.seeds,
             "mean": means, "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in cells.items()},
-            "gap_closed": {m: (means[m] - means["zero-shot"]) / gap if abs(gap) > 1e-9 else float("nan")
-                           for m in ADAPTED},
+            "gap_closed": gap_closed(means),
             "gap_closed_90": gap_intervals(cells, np.random.default_rng(0)),
             "per_task": {m: v.tolist() for m, v in cells.items()},
         }
@@ -141,13 +155,18 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(METHODS) + len(ADAPTED)))
     for split, row in table.items():
         returns = " | ".join(f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS)
-        gaps = " | ".join(f"{row['gap_closed'][m]:.2f}" for m in ADAPTED)
+        gaps = " | ".join(_fraction(row["gap_closed"][m]) for m in ADAPTED)
         print(f"| {split} | {row['tasks']} | {returns} | {gaps} |")
     print("\n90% bootstrap intervals of the gap closed (tasks resampled, then seeds within each task):")
     print(f"| split | {' | '.join(ADAPTED)} | MQL - fine-tuning |")
     print("|---|" + "---|" * (len(ADAPTED) + 1))
     for split, row in table.items():
-        print(f"| {split} | " + " | ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in row["gap_closed_90"].values()) + " |")
+        print(f"| {split} | " + " | ".join(f"[{_fraction(lo)}, {_fraction(hi)}]"
+                                           for lo, hi in row["gap_closed_90"].values()) + " |")
+    for split, row in table.items():
+        if math.isnan(row["gap_closed"]["MQL"]):
+            print(f"{split}: the oracle ({row['mean']['oracle']:.2f}) is not above zero-shot "
+                  f"({row['mean']['zero-shot']:.2f}), so there is no gap to close (n/a); compare the returns")
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
         print(json.dumps(table))

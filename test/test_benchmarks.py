@@ -82,6 +82,16 @@ def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimat
     assert widths[1] > 3 * widths[0]
 
 
+def test_gap_closed_is_not_a_number_when_zero_shot_already_beats_the_oracle(adaptation_benchmark):
+    means = {"zero-shot": -2.9, "MQL": -2.8, "MQL other-lambda": -3.0, "fine-tuning": -3.5, "oracle": -3.0}
+    assert all(math.isnan(v) for v in adaptation_benchmark.gap_closed(means).values())
+    cells = {m: np.full((3, 5), v) for m, v in means.items()}
+    got = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=50)
+    assert all(math.isnan(x) for pair in got.values() for x in pair)
+    means["oracle"] = -1.9
+    assert adaptation_benchmark.gap_closed(means)["MQL"] == pytest.approx(0.1)
+
+
 def test_validation_guard_benchmark_compares_each_margin_with_always_accepting_and_hindsight():
     out = _run("benchmarks/validation_guard.py", "--tasks", "2", "--seeds", "1", "--episodes", "1",
                "--adapt-set", "new_task_iters=2", "archive_iters=3", "--json")
