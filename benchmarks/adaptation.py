@@ -43,8 +43,8 @@ from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, ta
 from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config, rollout
 
 METHODS = ("zero-shot", "MQL", "MQL other-lambda", "fine-tuning", "oracle")
-MIN_GAP = 1e-9  # return units: an oracle no better than zero-shot than this leaves no gap to close
 ADAPTED = ("MQL", "MQL other-lambda", "fine-tuning")
+MIN_GAP = 1e-9  # return units: how much the oracle must beat zero-shot by for a gap closed to be reported
 
 
 def oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_updates, seed) -> list[float]:

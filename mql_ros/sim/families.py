@@ -52,8 +52,8 @@ class _ArmFamily:
     def make_env(self, task: dict) -> ArmEnv:
         return ArmEnv(task, episode_steps=self.episode_steps, reward=self.reward)
 
-    def oracle_return(self, task: dict, candidates: int = 8, corrections: int = 4, samples: int = 20000,
-                      seed: int = 0) -> float:
+    def oracle_return(self, task: dict, candidates: int = 8, samples: int = 20000, seed: int = 0,
+                      corrections: int = 4) -> float:
         """Return of a controller that knows the task: it holds the joint target that does best on it.
 
         Inverse kinematics by sampling, then correction on the real task: each of the `candidates` sampled arm
