@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -250,6 +251,11 @@ def main_for(make_node: Callable[[], Node], args: list[str] | None = None,
     MessageInfo to a callback; behind a burst it runs each topic's queued messages together, so the order
     across topics is lost; and its spin() never runs timers, hence this loop of spin_once.
     """
+    # SIGINT and SIGTERM: rclpy's handler shuts the context down, which ends the loop below. For SIGINT it then
+    # calls Python's handler too, whose default raises KeyboardInterrupt at whatever bytecode runs next, e.g.
+    # inside pybind11 converting a message for a callback, where it surfaces as "Unable to convert call
+    # argument" and exit status 1 (seen once in CI). Installed before rclpy.init, so rclpy chains to it.
+    signal.signal(signal.SIGINT, lambda *_: None)
     rclpy.init(args=args)
     node = None
     try:
@@ -259,7 +265,7 @@ def main_for(make_node: Callable[[], Node], args: list[str] | None = None,
         freeze_startup_heap()
         while rclpy.ok():
             executor.spin_once(timeout_sec=0.5)
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         pass
     except (ConfigError, InputError, CheckpointError, FileNotFoundError, MQLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
