@@ -92,6 +92,16 @@ def test_gap_closed_is_not_a_number_when_zero_shot_already_beats_the_oracle(adap
     assert adaptation_benchmark.gap_closed(means)["MQL"] == pytest.approx(0.1)
 
 
+def test_gap_intervals_are_not_a_number_when_the_gap_itself_is_within_the_task_spread(adaptation_benchmark):
+    cells = {m: np.full((3, 5), v) for m, v in
+             {"zero-shot": -3.0, "MQL": -2.97, "MQL other-lambda": -3.0, "fine-tuning": -3.1}.items()}
+    cells["oracle"] = np.tile([-2.5, -3.4, -2.9, -3.3, -2.6], (3, 1))  # mean -2.94: a gap of 0.06 on average only
+    means = {m: float(v.mean()) for m, v in cells.items()}
+    assert adaptation_benchmark.gap_closed(means)["MQL"] == pytest.approx(0.5)
+    got = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=400)
+    assert all(math.isnan(x) for pair in got.values() for x in pair)
+
+
 def test_validation_guard_benchmark_compares_each_margin_with_always_accepting_and_hindsight():
     out = _run("benchmarks/validation_guard.py", "--tasks", "2", "--seeds", "1", "--episodes", "1",
                "--adapt-set", "new_task_iters=2", "archive_iters=3", "--json")

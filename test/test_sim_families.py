@@ -151,3 +151,18 @@ def test_oracle_corrects_the_gravity_sag_of_a_held_command(cls, split, index, ga
     family = cls()
     task = getattr(family, f"{split}_tasks")()[index]
     assert family.oracle_return(task) > family.oracle_return(task, corrections=0) + gain
+
+
+def test_oracle_return_scores_its_command_over_fresh_resets_not_the_reset_it_was_chosen_on():
+    family = ArmReachFamily()
+    task = family.test_tasks()[0]
+    env = family.make_env(task)
+    action = env.robot.commands_to_action(family.oracle_command(task), [env.robot.gripper_lower])
+
+    def held(seed: int) -> float:
+        env.reset(seed=seed)
+        return sum(env.step(action)[1] for _ in range(env.episode_steps))
+
+    fresh = np.mean([held(s) for s in range(1000, 1040)])  # resets the oracle never saw (per-reset std 0.04)
+    assert abs(family.oracle_return(task) - fresh) < 0.03
+    assert abs(held(0) - fresh) > 0.05  # the choosing reset is an atypical start (-1.81 against -1.74)
