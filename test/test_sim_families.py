@@ -144,8 +144,8 @@ def test_tool_jacobian_predicts_how_the_tool_moves_with_the_arm_joints():
 
 
 @pytest.mark.parametrize("cls, split, index, gain", [
-    (ArmReachFamily, "test", 0, 0.5),  # the arm's own weight: -2.69 held as sampled, -1.81 corrected
-    (ArmPayloadFamily, "test", 2, 1.5),  # a 1.3 kg payload: -5.80 and -3.70
+    (ArmReachFamily, "test", 0, 0.5),  # the arm's own weight: -2.62 held as sampled, -1.73 corrected
+    (ArmPayloadFamily, "test", 2, 1.5),  # a 1.3 kg payload: -5.60 and -3.51
 ])
 def test_oracle_corrects_the_gravity_sag_of_a_held_command(cls, split, index, gain):
     family = cls()
