@@ -194,6 +194,20 @@ def test_changed_bag_invalidates_its_cache_entry(tmp_path, robot):
     assert entry != old_entry
 
 
+def test_cache_key_of_a_bag_being_closed_ignores_the_writers_temporary_and_vanished_files(tmp_path, robot,
+                                                                                          monkeypatch):
+    write_archive(tmp_path, robot, episodes_per_bag=4)
+    (bag,) = bag_dirs(tmp_path)
+    key = columnar.cache_key(bag, robot, None, 1.0)
+    (bag / "metadata.yaml.tmp").write_text("rosbag2_bagfile_information: {")  # rosbags' writer, mid-close
+    assert columnar.cache_key(bag, robot, None, 1.0) == key
+    gone = bag / "renamed_meanwhile.mcap"  # listed as a file, then renamed away before it is read
+    listing, is_file = Path.iterdir, Path.is_file
+    monkeypatch.setattr(Path, "iterdir", lambda self: [*listing(self), gone] if self == bag else listing(self))
+    monkeypatch.setattr(Path, "is_file", lambda self: True if self == gone else is_file(self))
+    assert columnar.cache_key(bag, robot, None, 1.0) == key
+
+
 @pytest.mark.parametrize("damage", ["flip_a_byte", "truncate", "delete_meta", "garbage_meta"])
 def test_corrupt_cache_entry_is_rebuilt_never_trusted(tmp_path, robot, damage):
     write_archive(tmp_path, robot, episodes_per_bag=4)

@@ -400,17 +400,27 @@ def cache_root(bag: Path) -> Path:
 
 
 def cache_key(bag: Path, robot: RobotSpec, task_id: str | None, episode_gap_s: float) -> str:
-    """Cheap content key: names, sizes, mtimes and the last 64 KiB (MCAP summary + footer) of every file."""
+    """Cheap content key: names, sizes, mtimes and the last 64 KiB (MCAP summary + footer) of every file.
+
+    A bag can be read while its writer is closing it: the writer's temporary files (rosbags writes
+    metadata.yaml.tmp, then renames it) are not part of the bag, and a file gone between the listing and
+    its reading is left out; the key then changes with the next look, once the writer is done."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([CACHE_VERSION, robot.to_dict(), task_id, float(episode_gap_s)],
                         sort_keys=True, default=str).encode())
-    files = sorted(p for p in bag.iterdir() if p.is_file()) if bag.is_dir() else [bag]
+    files = sorted(p for p in bag.iterdir() if p.is_file() and p.suffix != ".tmp") if bag.is_dir() else [bag]
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+            with open(f, "rb") as fh:
+                fh.seek(max(0, st.st_size - 65536))
+                tail = fh.read()
+        except FileNotFoundError:
+            if not bag.is_dir():
+                raise
+            continue
         h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        with open(f, "rb") as fh:
-            fh.seek(max(0, st.st_size - 65536))
-            h.update(fh.read())
+        h.update(tail)
     return h.hexdigest()
 
 
