@@ -11,9 +11,10 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
                (arm families: the best held joint target found by sampled inverse kinematics, corrected on
-               the real task for the servos' gravity sag; point_goal: the exact optimum); otherwise a per-task
-               policy trained from the meta weights on abundant data of that task alone (--oracle-episodes,
-               --oracle-updates)
+               the real task for the servos' gravity sag, on arm_payload refined into a 4-command schedule,
+               scored over 20 random resets; point_goal: the exact optimum), computed once per split;
+               otherwise a per-task policy trained from the meta weights on abundant data of that task alone
+               (--oracle-episodes, --oracle-updates)
 gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means (n/a where the oracle
 is not above zero-shot: there is no gap to close, and a fraction of a negative one flips sign), with a 90% bootstrap
 interval (tasks resampled, then seeds within each task) for it and for MQL's lead over fine-tuning: with a
