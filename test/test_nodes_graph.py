@@ -117,13 +117,15 @@ def test_graph_adapt_publishes_a_validated_update_the_nodes_load_and_rollback_re
     watch(probe)
     config = ros_graph.dir / "slow_adapt.yaml"
     config.write_text("adapt:\n  new_task_iters: 10\n  archive_iters: 800\n")
-    start_graph(ros_graph, tiny_checkpoint, rate=50.0, episode_steps=15)
     ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), config_file=str(config),
                     output_dir=str(ros_graph.dir / "adapted"), held_out_episodes=1, margin=10.0)
     meta_sha = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT).sha256
 
+    # Asked before the sim runs, so that nothing can have been collected yet (with the sim already running,
+    # 0.3 s episodes could fill the node before the service answered): refused, and it says why.
     early = probe.call(Trigger, "mql/adapt", Trigger.Request())
-    assert not early.success and "episodes" in early.message  # nothing collected yet: refused, says why
+    assert not early.success and "episodes" in early.message
+    start_graph(ros_graph, tiny_checkpoint, rate=50.0, episode_steps=15)
     probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2
                                for d in diagnostic_values(probe, "adaptation")),
                    90.0, "two new-task episodes")
