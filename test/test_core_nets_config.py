@@ -32,6 +32,16 @@ def test_command_line_adapt_overrides_read_yaml_scalars_and_scientific_notation(
     assert AdaptConfig().with_overrides([]) == AdaptConfig()
 
 
+
+def test_an_unquoted_off_selects_no_proximal_term_from_a_file_and_the_command_line(tmp_path):
+    """YAML 1.1 (PyYAML) reads `off` as false; the documented choice must still work where it is written."""
+    path = tmp_path / "c.yaml"
+    path.write_text("adapt:\n  proximal: off\n")
+    assert MQLConfig.from_yaml(path).adapt.proximal == "off"
+    assert AdaptConfig().with_overrides(["proximal=off"]).proximal == "off"
+    with pytest.raises(ConfigError, match="proximal=True"):
+        AdaptConfig().with_overrides(["proximal=on"])
+
 @pytest.mark.parametrize("item, message", [
     ("archive_iters", "expected KEY=VALUE"),
     ("=3", "expected KEY=VALUE"),

@@ -142,6 +142,8 @@ class AdaptConfig:
             _check_bool("adapt.", key, getattr(self, key))
         for key, r in _ADAPT_RANGES.items():
             object.__setattr__(self, key, _check_number("adapt.", key, getattr(self, key), r))
+        if self.proximal is False:  # YAML 1.1 (PyYAML) reads an unquoted `off` as false
+            object.__setattr__(self, "proximal", "off")
         for key, choices in _ADAPT_CHOICES.items():
             _check_choice("adapt.", key, getattr(self, key), choices)
 
