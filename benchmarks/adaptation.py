@@ -154,6 +154,7 @@ def main() -> None:
     print(f"\ncheckpoint {path} ({family.name}); {args.seeds} seeds; {args.episodes} eval episodes per task; "
           f"adaptation {cfg.new_task_iters}+{cfg.archive_iters} iterations, MQL lambda {cfg.proximal}, "
           f"other-lambda {other_rule}; "
+          + (f"--adapt-set {' '.join(args.adapt_set)}; " if args.adapt_set else "")
           + (f"oracle: {family.name}.oracle_return" if hasattr(family, "oracle_return") else
            f"oracle {args.oracle_episodes} episodes / {args.oracle_updates} updates per task"))
     print(f"| split | tasks | {' | '.join(METHODS)} | " + " | ".join(f"gap closed: {m}" for m in ADAPTED) + " |")

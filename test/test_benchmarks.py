@@ -32,7 +32,8 @@ def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_t
     out = _run("benchmarks/adaptation.py", "--seeds", "1", "--tasks", "1", "--episodes", "1", "--splits", "test",
                "--adapt-set", "new_task_iters=2", "archive_iters=3", "lr=1e-3", "proximal=ess", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "adaptation 2+3 iterations, MQL lambda ess, other-lambda fixed" in out.stdout
+    assert ("adaptation 2+3 iterations, MQL lambda ess, other-lambda fixed; "
+            "--adapt-set new_task_iters=2 archive_iters=3 lr=1e-3 proximal=ess;") in out.stdout
     assert "| split | tasks | zero-shot | MQL |" in out.stdout
     row = _last_json(out.stdout)["test"]
     assert row["tasks"] == 1 and row["seeds"] == 1
