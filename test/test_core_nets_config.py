@@ -32,7 +32,6 @@ def test_command_line_adapt_overrides_read_yaml_scalars_and_scientific_notation(
     assert AdaptConfig().with_overrides([]) == AdaptConfig()
 
 
-
 def test_an_unquoted_off_selects_no_proximal_term_from_a_file_and_the_command_line(tmp_path):
     """YAML 1.1 (PyYAML) reads `off` as false; the documented choice must still work where it is written."""
     path = tmp_path / "c.yaml"
@@ -41,6 +40,7 @@ def test_an_unquoted_off_selects_no_proximal_term_from_a_file_and_the_command_li
     assert AdaptConfig().with_overrides(["proximal=off"]).proximal == "off"
     with pytest.raises(ConfigError, match="proximal=True"):
         AdaptConfig().with_overrides(["proximal=on"])
+
 
 @pytest.mark.parametrize("item, message", [
     ("archive_iters", "expected KEY=VALUE"),
