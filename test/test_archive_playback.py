@@ -21,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("rclpy")
@@ -29,6 +28,7 @@ pytest.importorskip("rclpy")
 from rosbags.rosbag2 import Reader  # noqa: E402
 from rosgraph_helpers import ros_env  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
+from test_archive import assert_same_episodes  # noqa: E402
 
 from mql_ros.archive import bag_dirs, read_bag, verify_archive  # noqa: E402
 from mql_ros.core.episode import Episode  # noqa: E402
@@ -66,6 +66,7 @@ def test_bag_played_into_the_adaptation_node_gives_the_offline_transitions(ros_g
     offline, report = read_bag(bag, ROBOT)
     assert len(offline) == 1 and not report.problems
 
+    played = topic_order([bag])
     for attempt in range(3):
         saved, heard = ros_graph.dir / f"replayed_episodes_{attempt}", ros_graph.dir / f"replay_heard_{attempt}"
         replay = ros_graph.start("adaptation", name=f"adaptation_replay_{attempt}",
@@ -77,11 +78,11 @@ def test_bag_played_into_the_adaptation_node_gives_the_offline_transitions(ros_g
         assert replay.stop() == 0
         assert len(files) == 1
         online = Episode.load(files[0])
-        taken = [episode for b in bag_dirs(heard) for episode in read_bag(b, ROBOT)[0]]
-        assert len(taken) == 1
-        assert_same_episode(online, taken[0])  # online = offline, on the stream the node took
-        if topic_order(bag_dirs(heard)) == topic_order([bag]):  # it kept up: that stream is the bag's
-            assert_same_episode(online, offline[0])
+        heard_bags = bag_dirs(heard)
+        taken = [episode for b in heard_bags for episode in read_bag(b, ROBOT)[0]]
+        assert_same_episodes([online], taken)  # online = offline, on the stream the node took
+        if topic_order(heard_bags) == played:  # it kept up: that stream is the bag's
+            assert_same_episodes([online], offline)
             return
     pytest.fail("the replay node fell behind the player on all three tries (a state taken before the command "
                 "that preceded it): the machine is too loaded for this check")
@@ -95,9 +96,3 @@ def topic_order(bags: list[Path]) -> list[str]:
             order += [connection.topic for connection, _, _ in reader.messages()]
     return order
 
-
-def assert_same_episode(online: Episode, expected: Episode) -> None:
-    assert online.task_id == expected.task_id
-    np.testing.assert_array_equal(online.observations, expected.observations)
-    np.testing.assert_array_equal(online.actions, expected.actions)
-    np.testing.assert_array_equal(online.rewards, expected.rewards)
