@@ -9,8 +9,12 @@ carry it. Three measurements on the first --tasks train and held-out (test) targ
   observed   (with --observed-steps N) the same meta-training run, but the target appended to the
              observation and no context: the precision the TD3 learner reaches when nothing is inferred
 
-plus the IK oracle's return. If z tells the target to ~2 cm while the policy sits 5-10 cm away, the loss
-is in the actor's use of z, not in the information z carries.
+  oracle     the IK oracle (ArmReachFamily.oracle_rewards): its tool distance by step on the resets it is
+             scored on
+
+Each return is also split at step ARRIVAL (the oracle is there by then): what is lost on the way to the target,
+and what is lost holding short of it. If z tells the target to ~2 cm while the policy sits 5-10 cm away, the
+loss is in the actor's use of z, not in the information z carries.
 
     python benchmarks/target_inference.py [--checkpoint C] [--tasks 10] [--observed-steps 100000]
     # ~2 min without --observed-steps; 100000 observed steps add ~20 min of meta-training
@@ -34,6 +38,7 @@ from mql_ros.core.training import meta_train, rollout
 from mql_ros.sim.families import ArmReachFamily
 
 STEPS = (0, 2, 5, 10, 20, 40, 49)
+ARRIVAL = 10  # step by which the oracle's tool is at the target (0.1 cm on the first 5 held-out targets)
 
 
 class _TargetInObservation(gymnasium.ObservationWrapper):
@@ -95,6 +100,19 @@ def _by_step(values: np.ndarray, step: np.ndarray) -> dict[int, float]:
     return {s: float(values[step == s].mean()) for s in STEPS if np.any(step == s)}
 
 
+def _returns(rewards: np.ndarray) -> dict[str, float]:
+    """Mean return of (episodes, steps) rewards, whole and split at ARRIVAL."""
+    return {"return": float(rewards.sum(axis=1).mean()),
+            "return_before_arrival": float(rewards[:, :ARRIVAL].sum(axis=1).mean()),
+            "return_after_arrival": float(rewards[:, ARRIVAL:].sum(axis=1).mean())}
+
+
+def _measured(rewards: np.ndarray) -> dict:
+    """Tool distance by step (cm) and the returns of (episodes, steps) rewards (minus the distance in m)."""
+    step = np.tile(np.arange(rewards.shape[1]), rewards.shape[0])
+    return {"distance_cm": {s: 100 * v for s, v in _by_step(-rewards.reshape(-1), step).items()}, **_returns(rewards)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
@@ -126,12 +144,10 @@ def main() -> None:
         z, target, step = _contexts(agent, runs)
         with torch.no_grad():
             error = (decoder(z) - target).norm(dim=1).numpy()
-        distance = np.concatenate([-e.rewards for _, e in runs])
         result[split] = {
             "context_error_cm": {s: 100 * v for s, v in _by_step(error, step).items()},
-            "policy_distance_cm": {s: 100 * v for s, v in _by_step(distance, step).items()},
-            "policy_return": float(np.mean([e.rewards.sum() for _, e in runs])),
-            "oracle_return": float(np.mean([family.oracle_return(t) for t in tasks])),
+            "policy": _measured(np.stack([e.rewards for _, e in runs])),
+            "oracle": _measured(np.concatenate([family.oracle_rewards(t) for t in tasks])),
         }
 
     if args.observed_steps:
@@ -141,25 +157,25 @@ def main() -> None:
         for split in ("train", "test"):
             runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
                              args.seed)
-            distance = np.concatenate([-e.rewards for _, e in runs])
-            step = np.concatenate([np.arange(len(e)) for _, e in runs])
-            result[split]["observed_distance_cm"] = {s: 100 * v for s, v in _by_step(distance, step).items()}
-            result[split]["observed_return"] = float(np.mean([e.rewards.sum() for _, e in runs]))
+            result[split]["observed"] = _measured(np.stack([e.rewards for _, e in runs]))
 
     print(f"checkpoint {path}; first {args.tasks} targets per split, {args.episodes} episodes each"
           + (f"; target-observed run {args.observed_steps} steps" if args.observed_steps else ""))
-    print("| split | measure | " + " | ".join(f"step {s}" for s in STEPS) + " | return |")
-    print("|---|---|" + "---|" * (len(STEPS) + 1))
-    rows = (("context_error_cm", "target error decoded from z (cm)", None),
-            ("policy_distance_cm", "meta policy's tool distance (cm)", "policy_return"),
-            ("observed_distance_cm", "tool distance, target observed (cm)", "observed_return"))
+    print("| split | measure | " + " | ".join(f"step {s}" for s in STEPS)
+          + f" | return | steps 0-{ARRIVAL - 1} | steps {ARRIVAL}-end |")
+    print("|---|---|" + "---|" * (len(STEPS) + 3))
     for split in ("train", "test"):
         row = result[split]
-        for key, label, ret in rows:
+        cells = " | ".join(f"{row['context_error_cm'][s]:.1f}" if s in row["context_error_cm"] else "" for s in STEPS)
+        print(f"| {split} | target error decoded from z (cm) | {cells} | | | |")
+        for key, label in (("policy", "meta policy's tool distance (cm)"),
+                           ("observed", "tool distance, target observed (cm)"),
+                           ("oracle", "IK oracle's tool distance (cm)")):
             if key in row:
-                cells = " | ".join(f"{row[key][s]:.1f}" if s in row[key] else "" for s in STEPS)
-                print(f"| {split} | {label} | {cells} | {f'{row[ret]:.2f}' if ret else ''} |")
-        print(f"| {split} | IK oracle | " + " | " * len(STEPS) + f"{row['oracle_return']:.2f} |")
+                m = row[key]
+                cells = " | ".join(f"{m['distance_cm'][s]:.1f}" if s in m["distance_cm"] else "" for s in STEPS)
+                print(f"| {split} | {label} | {cells} | {m['return']:.2f} | {m['return_before_arrival']:.2f} | "
+                      f"{m['return_after_arrival']:.2f} |")
     if args.json:
         print(json.dumps(result))
 

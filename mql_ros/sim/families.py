@@ -26,13 +26,17 @@ def _target_on_arc(yaw: float, radius: float) -> list[float]:
 ORACLE_SWITCHES = (3, 6, 10)  # steps at which the oracle's command schedule may change
 
 
-def _schedule_return(env: ArmEnv, commands: np.ndarray, reset_seed: int) -> float:
-    """Return of one episode from the reset of `reset_seed`, holding commands[i] (arm joint targets) from step
+def _schedule_rewards(env: ArmEnv, commands: np.ndarray, reset_seed: int) -> list[float]:
+    """Rewards of one episode from the reset of `reset_seed`, holding commands[i] (arm joint targets) from step
     ORACLE_SWITCHES[i - 1] on; one row is one command held throughout. The env stays at the episode's end."""
     env.reset(seed=reset_seed)
     actions = [env.robot.commands_to_action(c, [env.robot.gripper_lower]) for c in commands]
-    return float(sum(env.step(actions[min(bisect_right(ORACLE_SWITCHES, t), len(actions) - 1)])[1]
-                     for t in range(env.episode_steps)))
+    return [float(env.step(actions[min(bisect_right(ORACLE_SWITCHES, t), len(actions) - 1)])[1])
+            for t in range(env.episode_steps)]
+
+
+def _schedule_return(env: ArmEnv, commands: np.ndarray, reset_seed: int) -> float:
+    return float(sum(_schedule_rewards(env, commands, reset_seed)))
 
 
 class _ArmFamily:
@@ -77,9 +81,16 @@ class _ArmFamily:
         held-out arm_reach targets against the mean over other resets). The adaptation benchmark uses this as
         the per-task oracle.
         """
+        rewards = self.oracle_rewards(task, candidates, samples, seed, corrections, evaluations, schedule_iters)
+        return float(rewards.sum(axis=1).mean())
+
+    def oracle_rewards(self, task: dict, candidates: int = 8, samples: int = 20000, seed: int = 0,
+                       corrections: int = 4, evaluations: int = 20, schedule_iters: int | None = None) -> np.ndarray:
+        """(evaluations, episode_steps) rewards of the oracle's schedule on the resets oracle_return scores it
+        on: by step, they show where in the episode a policy loses to the oracle."""
         env = self.make_env(task)
         commands = self.oracle_schedule(task, candidates, samples, seed, corrections, schedule_iters)
-        return float(np.mean([_schedule_return(env, commands, seed + 1 + k) for k in range(evaluations)]))
+        return np.array([_schedule_rewards(env, commands, seed + 1 + k) for k in range(evaluations)])
 
     def oracle_schedule(self, task: dict, candidates: int = 8, samples: int = 20000, seed: int = 0,
                         corrections: int = 4, schedule_iters: int | None = None) -> np.ndarray:
