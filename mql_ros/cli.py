@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint file to write (a learning-curve PNG goes beside it)")
     p.add_argument("--archive", help="also record every episode into this rosbag2 archive directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="YAML with MQLConfig keys (e.g. config/arm_reach_train.yaml)")
+    p.add_argument("--config", help="YAML with MQLConfig keys (e.g. config/arm_reach_train.yaml); with --init, "
+                   "the keys that change the checkpoint's config (e.g. config/arm_reach_final.yaml)")
+    p.add_argument("--init", metavar="CKPT", help="go on training this checkpoint's agent (same family, same "
+                   "network shape) instead of a fresh one; the replay starts empty")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("eval", help="zero-shot (and, with --adapt, MQL-adapted) returns on a split")
@@ -113,27 +116,40 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args) -> int:
     from mql_ros import plots
     from mql_ros.core.checkpoint import save_checkpoint
-    from mql_ros.core.config import load_config
+    from mql_ros.core.config import continued_config, load_config
     from mql_ros.core.errors import InputError
     from mql_ros.core.tasks import resolve_family
     from mql_ros.core.training import meta_train
 
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
-    cfg = load_config(args.config)
     family = resolve_family(args.family)
+    init, extra = None, {}
+    if args.init:
+        init, ckpt = _load_agent(args.init)
+        if ckpt.family != family.name:
+            raise InputError(f"--init {args.init} was trained on {ckpt.family!r}, not on {family.name!r}")
+        cfg = continued_config(ckpt.config, args.config)
+        extra["init"] = {"checkpoint": args.init, "sha256": ckpt.sha256, "command": ckpt.extra.get("command"),
+                         "steps": ckpt.extra.get("steps")}
+    else:
+        cfg = load_config(args.config)
     encoding = _family_encoding(family)
     recorder = _archive_writer(args.archive, family, encoding) if args.archive else None
     try:
         agent, curve = meta_train(family, cfg, args.steps, seed=args.seed, progress=not args.no_progress,
-                                  on_episode=recorder.add if recorder else None)
+                                  on_episode=recorder.add if recorder else None, init=init)
     finally:
         if recorder is not None:
             recorder.close()
+    if init is not None:  # the learning curve goes on from where the initial checkpoint's ended
+        before = ckpt.extra.get("curve") or []
+        step0, sec0 = (before[-1]["step"], before[-1]["seconds"]) if before else (0, 0.0)
+        curve = before + [{**e, "step": e["step"] + step0, "seconds": e["seconds"] + sec0} for e in curve]
     out = Path(args.out)
     sha = save_checkpoint(out, agent, args.family, encoding,
                           extra={"curve": curve, "steps": args.steps, "seed": args.seed,
-                                 "command": "mql-ros " + " ".join(sys.argv[1:])})
+                                 "command": "mql-ros " + " ".join(sys.argv[1:]), **extra})
     png = plots.learning_curve(curve, out.with_suffix(".png"), f"meta-training on {family.name}")
     print(f"wrote {out} (sha256 {sha[:12]}), learning curve {png}")
     return 0

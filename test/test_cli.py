@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,35 @@ def test_train_writes_a_checkpoint_and_a_learning_curve_png(tiny_checkpoint):
     assert tiny_checkpoint.stat().st_size > 0
     png = tiny_checkpoint.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_init_continues_a_checkpoint_with_the_keys_its_config_changes(tiny_checkpoint, tmp_path):
+    from mql_ros.core.checkpoint import load_checkpoint
+
+    (tmp_path / "final.yaml").write_text("lr: 0.0001\nexpl_noise: 0.05\nstart_steps: 0\n")
+    out = tmp_path / "final.pt"
+    r = run_cli("train", "--family", "point_goal", "--steps", "100", "--init", str(tiny_checkpoint), "--config",
+                "final.yaml", "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    base, final = load_checkpoint(tiny_checkpoint), load_checkpoint(out)
+    assert final.config == replace(base.config, lr=1e-4, expl_noise=0.05, start_steps=0)
+    assert final.extra["init"]["sha256"] == base.sha256
+    # the learning curve goes on from the base run's last entry
+    assert final.extra["curve"][: len(base.extra["curve"])] == base.extra["curve"]
+    assert final.extra["curve"][-1]["step"] == base.extra["curve"][-1]["step"] + 100
+
+
+@pytest.mark.parametrize("family, config, message", [
+    ("arm_reach", "", "trained on 'point_goal', not on 'arm_reach'"),
+    ("point_goal", "hidden_sizes: [16, 16]\n", "hidden_sizes ((32, 32) -> (16, 16))"),
+])
+def test_train_init_refuses_another_family_or_network_shape(tiny_checkpoint, tmp_path, family, config, message):
+    (tmp_path / "final.yaml").write_text(config)
+    r = run_cli("train", "--family", family, "--steps", "10", "--init", str(tiny_checkpoint), "--config",
+                "final.yaml", "--out", "x.pt", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_eval_json_last_line_has_the_contract_keys(tiny_checkpoint):

@@ -9,7 +9,7 @@ import torch
 from mql_ros.core.checkpoint import save_checkpoint
 from mql_ros.core.config import AdaptConfig, MQLConfig
 from mql_ros.core.context import context_input_scale
-from mql_ros.core.errors import InputError
+from mql_ros.core.errors import ConfigError, InputError
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.core.tasks import make_checked_env, resolve_family
@@ -43,6 +43,29 @@ def test_meta_train_stores_and_reports_every_episode_and_logs_a_curve():
     expected = context_input_scale(seen[:3])
     for nets in (agent.nets, agent.targets):
         np.testing.assert_allclose(nets["critic_encoder"].input_scale.numpy(), expected, rtol=1e-6)
+
+
+def test_meta_train_from_an_agent_continues_its_networks_under_the_new_settings():
+    base, _ = meta_train(FAMILY, CFG, 100, seed=0, progress=False)
+    before = {k: v.clone() for k, v in base.parameters_snapshot().items()}
+    scale = base.nets["critic_encoder"].input_scale.clone()
+    final = replace(CFG, lr=1e-4, expl_noise=0.05, start_steps=0, batch_size=16)
+    # one 10-step episode, less than a batch: no update, so the agent comes back exactly as it went in
+    agent, _ = meta_train(FAMILY, final, 5, seed=1, progress=False, init=base)
+    assert agent is base and agent.cfg == final and agent.updates == 80
+    assert all(torch.equal(before[k], v) for k, v in agent.parameters_snapshot().items())
+    assert agent.actor_opt.param_groups[0]["lr"] == 1e-4
+    # with updates: the same networks move on, and the context input scale is kept, not recomputed
+    agent, _ = meta_train(FAMILY, final, 40, seed=1, progress=False, init=agent)
+    assert agent.updates == 80 + 30  # from the second episode on, when the (new, empty) replay holds a batch
+    assert any(not torch.equal(before[k], v) for k, v in agent.parameters_snapshot().items())
+    assert torch.equal(agent.nets["critic_encoder"].input_scale, scale)
+
+
+def test_meta_train_refuses_to_continue_an_agent_under_a_config_of_another_shape():
+    base = TD3Context(CFG, 1, 1)
+    with pytest.raises(ConfigError, match="context_dim"):
+        meta_train(FAMILY, replace(CFG, context_dim=8), 10, progress=False, init=base)
 
 
 def test_meta_train_rejects_bad_arguments():

@@ -13,7 +13,7 @@ from mql_ros.core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from mql_ros.core.config import MQLConfig, load_config
+from mql_ros.core.config import MQLConfig, continued_config, load_config
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import CheckpointError, InputError
 from mql_ros.core.replay import episodes_to_batch
@@ -185,9 +185,14 @@ def test_a_version_1_checkpoint_loads_with_unit_input_scales(tmp_path):
         assert torch.equal(nets["critic_encoder"].input_scale, torch.ones(ROBOT.obs_dim + ROBOT.act_dim + 1))
 
 
-def test_shipped_checkpoint_holds_the_config_of_its_documented_training_command():
-    """README: `mql-ros train ... --config config/arm_reach_train.yaml` reproduces checkpoints/arm_reach.pt."""
+def test_shipped_checkpoint_holds_the_config_of_its_documented_training_commands():
+    """README: `mql-ros train ... --config config/arm_reach_train.yaml`, then `mql-ros train --init ... --config
+    config/arm_reach_final.yaml`, reproduce checkpoints/arm_reach.pt."""
     root = Path(__file__).resolve().parents[1]
     shipped = load_checkpoint(root / "checkpoints" / "arm_reach.pt")
     assert shipped.family == "arm_reach"
-    assert shipped.config == load_config(root / "config" / "arm_reach_train.yaml")
+    base = load_config(root / "config" / "arm_reach_train.yaml")
+    assert shipped.config == continued_config(base, root / "config" / "arm_reach_final.yaml")
+    # continued from the 100k-step checkpoint that the first command made (the one shipped before, README)
+    assert shipped.extra["init"]["sha256"].startswith("c011d43b7659") and shipped.extra["init"]["steps"] == 100000
+    assert "--config config/arm_reach_final.yaml" in shipped.extra["command"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mql_ros.core.config import AdaptConfig, MQLConfig, load_config
+from mql_ros.core.config import AdaptConfig, MQLConfig, continued_config, load_config
 from mql_ros.core.errors import ConfigError
 
 
@@ -40,6 +40,24 @@ def test_an_unquoted_off_selects_no_proximal_term_from_a_file_and_the_command_li
     assert AdaptConfig().with_overrides(["proximal=off"]).proximal == "off"
     with pytest.raises(ConfigError, match="proximal=True"):
         AdaptConfig().with_overrides(["proximal=on"])
+
+
+def test_a_continued_run_takes_the_base_config_and_changes_only_the_keys_its_file_names(tmp_path):
+    base = MQLConfig(context_dim=64, gamma=0.95, adapt=AdaptConfig(archive_iters=7))
+    path = tmp_path / "final.yaml"
+    path.write_text("lr: 0.0001\nexpl_noise: 0.05\nadapt:\n  lr: 0.001\n")
+    cfg = continued_config(base, path)
+    assert (cfg.lr, cfg.expl_noise, cfg.adapt.lr) == (1e-4, 0.05, 1e-3)
+    assert (cfg.context_dim, cfg.gamma, cfg.adapt.archive_iters) == (64, 0.95, 7)
+    assert continued_config(base, None) == base
+
+
+def test_a_continued_run_refuses_a_config_that_reshapes_the_networks(tmp_path):
+    path = tmp_path / "final.yaml"
+    path.write_text("context_dim: 30\nhidden_sizes: [256, 256]\nlr: 0.0001\n")
+    with pytest.raises(ConfigError, match=r"context_dim \(64 -> 30\)") as err:
+        continued_config(MQLConfig(context_dim=64), path)
+    assert "hidden_sizes" not in str(err.value)  # unchanged from the base: not named
 
 
 @pytest.mark.parametrize("item, message", [

@@ -238,6 +238,27 @@ class MQLConfig:
         return d
 
 
+# The keys that shape the networks: a run that continues a trained agent (`mql-ros train --init`) keeps them.
+NETWORK_KEYS = ("history_len", "context_dim", "hidden_sizes", "use_context", "shared_encoder")
+
+
+def check_same_networks(base: MQLConfig, cfg: MQLConfig) -> None:
+    """ConfigError naming each network-shaping key on which `cfg` differs from `base`."""
+    changed = [f"{k} ({getattr(base, k)} -> {getattr(cfg, k)})" for k in NETWORK_KEYS
+               if getattr(base, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"continuing a trained agent keeps the shape of its networks; the config changes "
+                          f"{', '.join(changed)}")
+
+
+def continued_config(base: MQLConfig, path: str | Path | None) -> MQLConfig:
+    """The config of a run that continues training an agent of config `base`: base, then the YAML's keys
+    (e.g. a lower lr and noise for a final phase); a key that would reshape the networks is an error."""
+    cfg = MQLConfig.from_dict(_merge(base.to_dict(), _read_yaml(path) if path is not None else {}))
+    check_same_networks(base, cfg)
+    return cfg
+
+
 def _read_yaml(path: str | Path) -> dict:
     try:
         text = Path(path).read_text()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mql_ros.core.config import MQLConfig
+from mql_ros.core.config import MQLConfig, check_same_networks
 from mql_ros.core.context import StreamingContext, entry_dim
 from mql_ros.core.errors import InputError
 from mql_ros.core.networks import Actor, ContextEncoder, TwinCritic, encode_windows
@@ -65,6 +65,13 @@ class TD3Context:
         """Fresh Adam states (adaptation starts from them at its own lr)."""
         self.actor_opt = torch.optim.Adam([t for _, t in self._group(_ACTOR_PARTS)], lr=lr, fused=True)
         self.critic_opt = torch.optim.Adam([t for _, t in self._group(_CRITIC_PARTS)], lr=lr, fused=True)
+
+    def continue_with(self, cfg: MQLConfig) -> None:
+        """Go on training these networks under `cfg` (same shape, e.g. a lower lr and noise for a final
+        phase), with fresh optimizers at cfg.lr."""
+        check_same_networks(self.cfg, cfg)
+        self.cfg = cfg
+        self.reset_optimizers(cfg.lr)
 
     def parameters_snapshot(self) -> dict[str, Tensor]:
         """Detached copies of all trainable parameters: the anchor of the proximal term."""

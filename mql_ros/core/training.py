@@ -80,12 +80,14 @@ def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
 
 def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: ReplayStore | None = None,
                seed: int = 0, progress: bool = True, on_episode: Callable[[Episode], None] | None = None,
-               log_every: int = 1000) -> tuple[TD3Context, list[dict]]:
+               log_every: int = 1000, init: TD3Context | None = None) -> tuple[TD3Context, list[dict]]:
     """TD3-context on all train tasks of `family` for `steps` environment steps.
 
     Returns the agent and a learning curve: one dict per `log_every` steps with the step, the mean
     return of the training episodes since the last entry (exploration noise included), mean losses and
     the wall-clock seconds so far. `on_episode` sees every collected episode (e.g. to archive it).
+    `init` is an agent to go on training (TD3Context.continue_with(cfg)) instead of a fresh one: its weights,
+    target networks and context input scale carry over; the replay starts empty.
     """
     family = resolve_family(family)
     if steps < 1:
@@ -97,7 +99,11 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
         raise InputError(f"family {family.name!r} has no train tasks")
     ids = [task_id(family, "train", i) for i in range(len(tasks))]
     envs = [make_checked_env(family, t, ids[i]) for i, t in enumerate(tasks)]
-    agent = TD3Context(cfg, envs[0].obs_dim, envs[0].act_dim, seed=seed)
+    if init is None:
+        agent = TD3Context(cfg, envs[0].obs_dim, envs[0].act_dim, seed=seed)
+    else:
+        agent = init
+        agent.continue_with(cfg)
     for i, env in enumerate(envs):
         if (env.obs_dim, env.act_dim) != (agent.obs_dim, agent.act_dim):
             raise InputError(f"family {family.name!r}: task {ids[i]} has obs/act dims {env.obs_dim}/"
@@ -123,7 +129,7 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
         done_steps += len(episode)
         returns.append(float(episode.rewards.sum()))
         bar.update(len(episode))
-        if agent.updates == 0 and cfg.normalize_context_inputs:
+        if agent.updates == 0 and cfg.normalize_context_inputs:  # a continued agent keeps the scale it has
             warmup.append(episode)
         if done_steps >= cfg.start_steps and replay.num_transitions() >= cfg.batch_size:
             if warmup:
