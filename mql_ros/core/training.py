@@ -87,7 +87,8 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
     return of the training episodes since the last entry (exploration noise included), mean losses and
     the wall-clock seconds so far. `on_episode` sees every collected episode (e.g. to archive it).
     `init` is an agent to go on training (TD3Context.continue_with(cfg)) instead of a fresh one: its weights,
-    target networks and context input scale carry over; the replay starts empty.
+    target networks and context input scale carry over, its optimizers start afresh at cfg.lr; it learns only
+    from `replay` (a new, empty one by default) and what this run collects.
     """
     family = resolve_family(family)
     if steps < 1:
