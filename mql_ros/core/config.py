@@ -238,17 +238,18 @@ class MQLConfig:
         return d
 
 
-# The keys that shape the networks: a run that continues a trained agent (`mql-ros train --init`) keeps them.
+# The keys that fix the networks' shape and the context window they were trained to read: a run that continues
+# a trained agent (`mql-ros train --init`) keeps them.
 NETWORK_KEYS = ("history_len", "context_dim", "hidden_sizes", "use_context", "shared_encoder")
 
 
 def check_same_networks(base: MQLConfig, cfg: MQLConfig) -> None:
-    """ConfigError naming each network-shaping key on which `cfg` differs from `base`."""
+    """ConfigError naming each NETWORK_KEYS key on which `cfg` differs from `base`."""
     changed = [f"{k} ({getattr(base, k)} -> {getattr(cfg, k)})" for k in NETWORK_KEYS
                if getattr(base, k) != getattr(cfg, k)]
     if changed:
-        raise ConfigError(f"continuing a trained agent keeps the shape of its networks; the config changes "
-                          f"{', '.join(changed)}")
+        raise ConfigError(f"continuing a trained agent keeps its networks' shape and context window; the config "
+                          f"changes {', '.join(changed)}")
 
 
 def continued_config(base: MQLConfig, path: str | Path | None) -> MQLConfig:
