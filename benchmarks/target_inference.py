@@ -100,6 +100,11 @@ def _by_step(values: np.ndarray, step: np.ndarray) -> dict[int, float]:
     return {s: float(values[step == s].mean()) for s in STEPS if np.any(step == s)}
 
 
+def _cells(by_step: dict[int, float]) -> str:
+    """One markdown cell per STEPS entry (empty where the episodes were shorter)."""
+    return " | ".join(f"{by_step[s]:.1f}" if s in by_step else "" for s in STEPS)
+
+
 def _returns(rewards: np.ndarray) -> dict[str, float]:
     """Mean return of (episodes, steps) rewards, whole and split at ARRIVAL."""
     return {"return": float(rewards.sum(axis=1).mean()),
@@ -166,16 +171,14 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(STEPS) + 3))
     for split in ("train", "test"):
         row = result[split]
-        cells = " | ".join(f"{row['context_error_cm'][s]:.1f}" if s in row["context_error_cm"] else "" for s in STEPS)
-        print(f"| {split} | target error decoded from z (cm) | {cells} | | | |")
+        print(f"| {split} | target error decoded from z (cm) | {_cells(row['context_error_cm'])} | | | |")
         for key, label in (("policy", "meta policy's tool distance (cm)"),
                            ("observed", "tool distance, target observed (cm)"),
                            ("oracle", "IK oracle's tool distance (cm)")):
             if key in row:
                 m = row[key]
-                cells = " | ".join(f"{m['distance_cm'][s]:.1f}" if s in m["distance_cm"] else "" for s in STEPS)
-                print(f"| {split} | {label} | {cells} | {m['return']:.2f} | {m['return_before_arrival']:.2f} | "
-                      f"{m['return_after_arrival']:.2f} |")
+                print(f"| {split} | {label} | {_cells(m['distance_cm'])} | {m['return']:.2f} | "
+                      f"{m['return_before_arrival']:.2f} | {m['return_after_arrival']:.2f} |")
     if args.json:
         print(json.dumps(result))
 

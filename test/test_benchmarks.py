@@ -147,7 +147,7 @@ def test_target_inference_benchmark_reports_context_policy_and_observed_target_s
             m = row[key]
             assert set(m["distance_cm"]) == steps, key
             assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values()), key
-            # the split return adds up to the whole one, and the distance is the reward's negative
+            # the return split at arrival adds up to the whole one
             assert m["return_before_arrival"] + m["return_after_arrival"] == pytest.approx(m["return"]), key
             assert m["return"] < 0, key
         # the oracle holds its tool at the target once there (0.0-0.1 cm from step 10 on the first held-out targets)
