@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -230,3 +231,105 @@ def test_recorder_frees_each_closed_bag_without_waiting_for_the_cyclic_collector
     finally:
         gc.enable()
     assert len(bag_dirs(tmp_path)) == 3
+
+
+def _cut_before_summary(bag: Path) -> None:
+    """Leave the .mcap as a writer killed after its last chunk leaves it: the data, no summary, no footer."""
+    mcap = next(bag.glob("*.mcap"))
+    data = mcap.read_bytes()
+    # the file ends: footer record (opcode, length, summary_start, summary_offset_start, crc), then the magic
+    (summary_start,) = struct.unpack_from("<Q", data, len(data) - 8 - 20)
+    assert 0 < summary_start < len(data)
+    mcap.write_bytes(data[:summary_start])
+
+
+def test_mcap_cut_before_its_summary_gives_every_message_before_the_cut(tmp_path, robot):
+    episodes = random_episodes(robot, n=2, steps=20)
+    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=2)
+    for e in episodes:
+        writer.add(e)
+    writer.close()
+    (bag,) = bag_dirs(tmp_path)
+    (bag / "metadata.yaml").unlink()
+    _cut_before_summary(bag)
+    got, report = read_bag(bag, robot, cache=False)
+    assert_same_episodes(got, episodes)
+    assert any("stopped reading" in p for p in report.problems), report.problems
+
+
+def test_bag_rosbags_cannot_open_is_read_as_a_stream_reported_and_its_siblings_stay_usable(tmp_path, robot):
+    episodes = random_episodes(robot, n=3, steps=20)
+    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=1)
+    for e in episodes:
+        writer.add(e)
+    writer.close()
+    first, cut, renamed = bag_dirs(tmp_path)
+    _cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary
+    mcap = next(renamed.glob("*.mcap"))
+    mcap.rename(mcap.with_name("renamed.mcap"))  # metadata.yaml names a file that is gone
+    report = verify_archive(tmp_path, robot)
+    assert [bool(b.problems) for b in report.bags] == [False, True, True]
+    assert all(any("rosbags" in p and "cannot open" in p for p in b.problems) for b in report.bags[1:])
+    warnings: list[str] = []
+    assert_same_episodes(load_episodes(tmp_path, robot, warn=warnings.append), episodes)
+    assert [w.split(":")[0] for w in warnings] == [f"bag {cut}", f"bag {renamed}"]
+
+
+def test_load_episodes_names_each_bag_with_problems_and_what_it_kept(tmp_path, robot):
+    rec = ArchiveRecorder(tmp_path, robot)
+    rec.record_joint_state("/joint_states", 0, ["elbow", "b", "c", "d"], [0.0] * 4, [0.0] * 4)
+    rec.close()
+    (bag,) = bag_dirs(tmp_path)
+    warnings: list[str] = []
+    assert load_episodes(tmp_path, robot, warn=warnings.append) == []
+    assert len(warnings) == 1 and f"bag {bag}: 1 problem(s)" in warnings[0] and "missing joints" in warnings[0]
+    assert "kept 0 episodes" in warnings[0]
+    with pytest.warns(UserWarning, match="missing joints"):  # no callback: still not silent
+        load_episodes(tmp_path, robot)
+
+
+def test_recorder_refuses_a_directory_that_is_itself_a_bag(tmp_path, robot):
+    writer = EpisodeArchiveWriter(tmp_path, robot)
+    writer.add(random_episodes(robot, n=1)[0])
+    writer.close()
+    (bag,) = bag_dirs(tmp_path)
+    with pytest.raises(ArchiveError, match="is itself a bag"):
+        ArchiveRecorder(bag, robot)
+    assert bag_dirs(tmp_path) == [bag]
+
+
+def test_report_of_a_moved_archive_names_the_bag_where_it_is_now(tmp_path, robot):
+    import shutil
+
+    rec = ArchiveRecorder(tmp_path / "before", robot)
+    rec.record_joint_state("/joint_states", 0, ["elbow", "b", "c", "d"], [0.0] * 4, [0.0] * 4)
+    rec.close()
+    (bag,) = bag_dirs(tmp_path / "before")
+    read_bag(bag, robot)  # writes the columnar cache beside the bag
+    shutil.copytree(tmp_path / "before", tmp_path / "after")  # copy2: mtimes kept, so the cache stays current
+    shutil.rmtree(tmp_path / "before")
+    moved = tmp_path / "after" / bag.name
+    _, report = read_bag(moved, robot)
+    assert report.path == str(moved) and report.problems
+
+
+def test_a_file_given_as_a_bag_is_a_clear_error_naming_its_directory(tmp_path, robot):
+    writer = EpisodeArchiveWriter(tmp_path, robot)
+    writer.add(random_episodes(robot, n=1)[0])
+    writer.close()
+    (bag,) = bag_dirs(tmp_path)
+    with pytest.raises(ArchiveError, match=f"is a file: give the bag directory that holds it \\({bag}\\)"):
+        load_episodes(next(bag.glob("*.mcap")), robot)
+
+
+def test_export_writes_and_returns_the_npz_file_it_names(tmp_path, robot):
+    from mql_ros.archive import export_archive
+
+    writer = EpisodeArchiveWriter(tmp_path / "archive", robot)
+    writer.add(random_episodes(robot, n=1)[0])
+    writer.close()
+    out = export_archive(tmp_path / "archive", tmp_path / "flat", robot)
+    assert out == tmp_path / "flat.npz" and out.is_file()
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(ArchiveError, match="is a directory"):
+        export_archive(tmp_path / "archive", tmp_path / "dir.npz", robot)

@@ -135,3 +135,13 @@ def test_newest_within_keeps_the_newest_whole_episodes_up_to_the_transition_budg
     assert [e.task_id for e in newest_within(episodes, 2)] == ["t/3"], "the newest is kept even if larger"
     with pytest.raises(InputError, match="max_transitions must be >= 1"):
         newest_within(episodes, 0)
+
+
+def test_loading_a_saved_episode_cut_short_is_an_input_error_naming_the_file(tmp_path):
+    path = tmp_path / "episode.npz"
+    episode = _episode(np.random.default_rng(0), 5, "t")
+    episode.save(path)
+    np.testing.assert_array_equal(Episode.load(path).rewards, episode.rewards)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(InputError, match=f"{path} is not a saved episode"):
+        Episode.load(path)

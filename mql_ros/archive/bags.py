@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
@@ -146,6 +148,9 @@ class ArchiveRecorder:
         self._ended_in_bag = 0
         self.failed: str | None = None
         self._bag: BagWriter | None = None
+        if _is_bag(self.directory):  # a bag nested in a bag is found by no reader (bag_dirs looks one level down)
+            raise ArchiveError(f"archive directory {self.directory} is itself a bag (it holds metadata.yaml or an "
+                               ".mcap file): record into its parent or into a new directory")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -261,16 +266,21 @@ class BagReport:
     dropped: list[str] = field(default_factory=list)  # steps cut at an episode or recording boundary
 
 
+def _is_bag(path: Path) -> bool:
+    return path.is_dir() and ((path / "metadata.yaml").is_file() or any(path.glob("*.mcap")))
+
+
 def bag_dirs(path: str | Path) -> list[Path]:
     """A bag directory itself, or every bag directory (with metadata.yaml or an .mcap) below `path`."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ArchiveError(f"archive {path} does not exist")
-    if (path / "metadata.yaml").is_file() or list(path.glob("*.mcap")):
+    if not path.is_dir():
+        raise ArchiveError(f"{path} is a file: give the bag directory that holds it ({path.parent}) or an archive "
+                           "directory of bags")
+    if _is_bag(path):
         return [path]
-    bags = sorted(p for p in path.iterdir() if p.is_dir() and ((p / "metadata.yaml").is_file()
-                                                                  or list(p.glob("*.mcap"))))
-    return bags
+    return sorted(p for p in path.iterdir() if _is_bag(p))
 
 
 def read_bag(path: str | Path, robot: BagEncoding, task_id: str | None = None,
@@ -293,7 +303,7 @@ def read_bag(path: str | Path, robot: BagEncoding, task_id: str | None = None,
     hit = columnar.read_cache(entry)
     if hit is not None:
         episodes, report = hit
-        return episodes, BagReport(**report)
+        return episodes, BagReport(**{**report, "path": str(path)})  # the bag may have been moved since
     try:
         if not isinstance(robot, RobotSpec):  # the bulk decoder knows the arm's layout only
             raise columnar.Irregular(f"{type(robot).__name__} encoding")
@@ -302,6 +312,10 @@ def read_bag(path: str | Path, robot: BagEncoding, task_id: str | None = None,
         episodes, report = read_bag_per_message(path, robot, task_id, episode_gap_s)
     else:
         report = BagReport(str(path), messages=counts)
+        if (path / "metadata.yaml").is_file():  # the bulk decoder reads the .mcap alone: would rosbags open it?
+            reader = _rosbag2_reader(path, report)
+            if reader is not None:
+                reader.close()
         episodes = columnar.run_rule(decoded, robot, task_id or path.name, episode_gap_s, report)
         _summarize(report, episodes)
     try:
@@ -321,7 +335,8 @@ def read_bag_per_message(path: str | Path, robot: BagEncoding, task_id: str | No
     builder = TransitionBuilder(robot, task_id=task_id or path.name, episode_gap_s=episode_gap_s)
     episodes: list[Episode] = []
     pending: dict[str, tuple[int, np.ndarray]] = {}
-    messages = _rosbag2_messages(path) if (path / "metadata.yaml").is_file() else _mcap_messages(path)
+    reader = _rosbag2_reader(path, report) if (path / "metadata.yaml").is_file() else None
+    messages = _rosbag2_messages(path, reader) if reader is not None else _mcap_messages(path)
     try:
         for topic, stamp, msg in messages:
             report.messages[topic] = report.messages.get(topic, 0) + 1
@@ -356,13 +371,24 @@ def _check_type(path: Path, topic: str, msgtype: str) -> None:
         raise ArchiveError(f"bag {path}: topic {topic} has type {msgtype}, expected {TOPICS[topic]}")
 
 
-def _rosbag2_messages(path: Path):
-    """(topic, log time, message) of a bag with metadata.yaml, through rosbags (MCAP or SQLite3)."""
+def _rosbag2_reader(path: Path, report: BagReport) -> Reader | None:
+    """rosbags' Reader of a bag with metadata.yaml, opened. If rosbags cannot open it (an .mcap cut short, so
+    without its summary; metadata.yaml naming other files or storage) but it has .mcap files, that is a problem
+    in `report` and None: the files are then read as a stream. Otherwise ArchiveError."""
     try:
         reader = Reader(path)
         reader.open()
+        return reader
     except Exception as exc:  # noqa: BLE001 -- rosbags raises many types for an unreadable bag
-        raise ArchiveError(f"bag {path} cannot be opened: {exc}") from exc
+        if not any(path.glob("*.mcap")):
+            raise ArchiveError(f"bag {path} cannot be opened: {exc}") from exc
+        report.problems.append(f"rosbags (so `ros2 bag info` and `ros2 bag play` too) cannot open it: "
+                               f"{str(exc).rstrip('.')}; its .mcap read as a stream")
+        return None
+
+
+def _rosbag2_messages(path: Path, reader: Reader):
+    """(topic, log time, message) of a bag rosbags opened (MCAP or SQLite3)."""
     try:
         for conn in reader.connections:
             _check_type(path, conn.topic, conn.msgtype)
@@ -377,10 +403,12 @@ def _rosbag2_messages(path: Path):
 
 
 def _mcap_messages(path: Path):
-    """(topic, log time, message) of .mcap files without metadata.yaml (a killed writer, or a file from
-    another tool), read as a stream so that a truncated file gives everything before the cut."""
+    """(topic, log time, message) of .mcap files read as a stream (no metadata.yaml, as a killed writer
+    leaves it, or one rosbags cannot open), so that a file cut short gives every message before the cut.
+
+    The records are gathered in file order and then sorted stably by log time, the order rosbags gives."""
     from mcap.exceptions import McapError
-    from mcap.reader import make_reader
+    from mcap.reader import NonSeekingReader
     from mcap_ros2.decoder import DecoderFactory
 
     files = sorted(path.glob("*.mcap")) if path.is_dir() else [path]
@@ -394,16 +422,28 @@ def _mcap_messages(path: Path):
             if magic != b"\x89MCAP0\r\n":
                 raise ArchiveError(f"bag {path}: {file.name} is not an MCAP file")
             f.seek(0)
-            reader = make_reader(f, decoder_factories=[DecoderFactory()])
-            try:
-                for schema, channel, message, decoded in reader.iter_decoded_messages():
-                    _check_type(path, channel.topic, schema.name)
+            records, damage = [], None
+            try:  # not the reader's own log-time order: it sorts a generator, so a cut loses everything
+                for schema, channel, message in NonSeekingReader(f).iter_messages(log_time_order=False):
+                    _check_type(path, channel.topic, schema.name if schema is not None else "")
                     if channel.topic in TOPICS:
-                        yield channel.topic, message.log_time, decoded
-            except ArchiveError:
-                raise
+                        records.append((schema, channel, message))
             except (McapError, EOFError, ValueError, struct_error) as exc:
-                raise _Truncated(f"{file.name}: {type(exc).__name__}: {exc}") from exc
+                damage = f"{file.name}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+        decoders: dict[int, object] = {}
+        for schema, channel, message in sorted(records, key=lambda r: r[2].log_time):
+            if channel.id not in decoders:
+                decoders[channel.id] = DecoderFactory().decoder_for(channel.message_encoding, schema)
+            if decoders[channel.id] is None:
+                raise ArchiveError(f"bag {path}: {file.name} channel {channel.topic} is in "
+                                   f"{channel.message_encoding!r}, not CDR")
+            try:
+                decoded = decoders[channel.id](message.data)
+            except (ValueError, IndexError, struct_error) as exc:  # a record intact, its payload not
+                raise _Truncated(f"{file.name}: message at {message.log_time} ns cannot be decoded: {exc}") from exc
+            yield channel.topic, message.log_time, decoded
+        if damage is not None:
+            raise _Truncated(damage)
 
 
 def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict, episodes: list) -> None:
@@ -427,17 +467,24 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
             builder.on_command(max(t_arm, t_grip), arm, grip)
 
 
-def load_episodes(paths, robot: BagEncoding, task_id: str | None = None,
-                  episode_gap_s: float = 1.0, cache: bool = True) -> list[Episode]:
-    """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag
-    are not silent: an unreadable bag raises ArchiveError naming it; skipped messages are in read_bag's
-    report (`mql-ros archive verify`)."""
+def load_episodes(paths, robot: BagEncoding, task_id: str | None = None, episode_gap_s: float = 1.0,
+                  cache: bool = True, warn: Callable[[str], None] | None = None) -> list[Episode]:
+    """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag are not
+    silent: an unreadable bag raises ArchiveError naming it; a bag read with problems (messages the step rule
+    rejected, a file cut short) is named to `warn` (default: warnings.warn) with what was kept from it, and
+    `mql-ros archive verify` lists every problem."""
     if robot is None:
         raise ArchiveError("reading bags needs their encoding: a RobotSpec (arm joint names) or a BoxSpec "
                            "(a generic family's dims), e.g. mql_ros.core.checkpoint.bag_encoding(checkpoint)")
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: list[Episode] = []
     for p in paths:
         for bag in bag_dirs(p):
-            out += read_bag(bag, robot, task_id, episode_gap_s, cache)[0]
+            episodes, report = read_bag(bag, robot, task_id, episode_gap_s, cache)
+            if report.problems:
+                warn(f"bag {report.path}: {len(report.problems)} problem(s), the first: {report.problems[0]}; "
+                     f"kept {report.episodes} episodes, {report.transitions} transitions (`mql-ros archive "
+                     "verify` lists every problem)")
+            out += episodes
     return out

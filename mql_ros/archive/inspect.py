@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,14 +80,19 @@ def archive_info(directory: str | Path, robot: BagEncoding | None = None) -> dic
             "problems": sum(len(b.problems) for b in report.bags)}
 
 
-def export_archive(directory: str | Path, out: str | Path, robot: BagEncoding | None = None) -> Path:
-    """All transitions as flat arrays in one .npz (task_id, obs, action, reward, next_obs)."""
+def export_archive(directory: str | Path, out: str | Path, robot: BagEncoding | None = None,
+                   warn: Callable[[str], None] | None = None) -> Path:
+    """All transitions as flat arrays in one .npz (task_id, obs, action, reward, next_obs); returns the file
+    written (`out`, with .npz added as numpy does). Bags read with problems are named to `warn`."""
     from mql_ros.archive.bags import load_episodes
 
-    episodes = load_episodes(directory, robot or RobotSpec.from_urdf())
+    out = Path(out)
+    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    if out.is_dir():
+        raise ArchiveError(f"{out} is a directory, not a file to write")
+    episodes = load_episodes(directory, robot or RobotSpec.from_urdf(), warn=warn)
     if not episodes:
         raise ArchiveError(f"{directory} holds no episodes")
-    out = Path(out)
     np.savez_compressed(
         out, task_id=np.concatenate([[e.task_id] * len(e) for e in episodes]),
         obs=np.concatenate([e.observations[:-1] for e in episodes]),

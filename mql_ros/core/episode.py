@@ -6,6 +6,7 @@ loose transitions) is what lets any transition's context window be rebuilt later
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,8 @@ class Episode:
         try:
             with np.load(path, allow_pickle=False) as f:
                 return cls(str(f["task_id"]), f["observations"], f["actions"], f["rewards"], bool(f["terminated"]))
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(f"{path} is not a saved episode: {exc}") from exc
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:  # BadZipFile: a truncated file
+            raise InputError(f"{path} is not a saved episode: {type(exc).__name__}: {exc}") from exc
 
 
 def newest_within(episodes: list[Episode], max_transitions: int) -> list[Episode]:

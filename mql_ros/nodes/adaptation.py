@@ -284,7 +284,7 @@ class AdaptationNode(Node):
             from mql_ros.archive import load_episodes
 
             replay = MultiTaskReplay(self.meta.config.history_len)
-            for episode in load_episodes(self.replay_dir, self.robot):
+            for episode in load_episodes(self.replay_dir, self.robot, warn=self.get_logger().warning):
                 replay.add_episode(episode)
             self._replay = replay
         return self._replay
