@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _threads(args.threads)
+        if hasattr(args, "seed"):  # every command but archive
+            _check_seed(args.seed)
         return COMMANDS[args.command](args)
     except MQLError as e:
         print(f"mql-ros {args.command}: {e}", file=sys.stderr)
@@ -123,6 +126,7 @@ def cmd_train(args) -> int:
 
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    _check_writable("--out", args.out)
     family = resolve_family(args.family)
     init, extra = None, {}
     if args.init:
@@ -156,14 +160,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mql_ros.core.tasks import resolve_family, split_tasks
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import resolve_family
     from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
 
+    if args.tasks < 0:
+        raise InputError(f"--tasks must be >= 0 (0: all), got {args.tasks}")
+    if args.episodes < 1:
+        raise InputError(f"--episodes must be >= 1, got {args.episodes}")
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _adapt_config(agent.cfg.adapt, args)
     family = resolve_family(args.family or ckpt.family)
-    tasks = split_tasks(family, args.split)
-    tasks = tasks[: args.tasks] if args.tasks > 0 else tasks
+    _check_dims(family, ckpt, args.checkpoint)
+    tasks = _first_tasks(family, args.split, args.tasks)
     result: dict = {"split": args.split, "family": family.name, "checkpoint": args.checkpoint,
                     "episodes": args.episodes}
     zero = evaluate(agent, family, tasks, episodes=args.episodes, seed=args.seed)
@@ -196,17 +205,20 @@ def cmd_adapt(args) -> int:
     from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
     from mql_ros.core.training import collect_new_task_data
 
+    _check_writable("--out", args.out)
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _adapt_config(agent.cfg.adapt, args)
     encoding = bag_encoding(ckpt)
     # with --bags and --archive everything comes from recorded data: the family is not even imported
     family = None if args.bags and args.archive else resolve_family(args.family or ckpt.family)
+    if family is not None:
+        _check_dims(family, ckpt, args.checkpoint)
     archive = (_archive_replay(args.archive, agent, encoding) if args.archive
                else _load_or_roll_archive(None, agent, family, args.seed))
     if args.bags:
         from mql_ros.archive import load_episodes
 
-        new = load_episodes(args.bags, robot=encoding, task_id=args.task_id)
+        new = load_episodes(args.bags, robot=encoding, task_id=args.task_id, warn=_warn)
         source = f"bags {' '.join(args.bags)}"
     else:
         tasks = split_tasks(family, args.split)
@@ -258,22 +270,29 @@ def cmd_archive(args) -> int:
     if not args.out:
         print("mql-ros archive export: --out FILE.npz is required", file=sys.stderr)
         return 2
-    path = archive.export_archive(args.dir, args.out, encoding)
+    path = archive.export_archive(args.dir, args.out, encoding, warn=_warn)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from mql_ros import plots
+    from mql_ros.core.errors import InputError
     from mql_ros.core.paths import share_file
-    from mql_ros.core.tasks import resolve_family, split_tasks, task_id
+    from mql_ros.core.tasks import resolve_family, task_id
     from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
 
     start = time.perf_counter()
+    if args.tasks < 1:
+        raise InputError(f"--tasks must be >= 1, got {args.tasks}")
+    if args.episodes < 1:
+        raise InputError(f"--episodes must be >= 1, got {args.episodes}")
+    _check_writable("--out", args.out, directory=True)
     checkpoint = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
     agent, ckpt = _load_agent(checkpoint)
     family = resolve_family(ckpt.family)
-    tasks = split_tasks(family, "test")[: args.tasks]
+    _check_dims(family, ckpt, checkpoint)
+    tasks = _first_tasks(family, "test", args.tasks)
     names = [task_id(family, "test", i) for i in range(len(tasks))]
     print(f"checkpoint {checkpoint} (family {family.name}, sha256 {ckpt.sha256[:12]})")
     print(f"held-out tasks: {len(tasks)}; new-task data: one episode per task; {args.episodes} evaluation "
@@ -304,6 +323,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _warn(message: str) -> None:
+    """A bag read with problems: its data are used, and the user is told which bag and what was kept."""
+    print(f"mql-ros: warning: {message}", file=sys.stderr)
+
+
 def _threads(n: int) -> None:
     from mql_ros.core.errors import InputError
 
@@ -312,6 +336,54 @@ def _threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def _check_seed(seed: int) -> None:
+    """numpy refuses a negative seed and torch one of 2**64 or more, deep in a run; the code also seeds with
+    seed + 1 and seed + task index, so the bound is numpy's legacy 2**32 - 1, well inside both."""
+    from mql_ros.core.errors import InputError
+
+    if not 0 <= seed <= 2**32 - 1:
+        raise InputError(f"--seed must be in 0..2**32-1, got {seed}")
+
+
+def _check_writable(flag: str, path: str, directory: bool = False) -> None:
+    """InputError naming `flag` if `path` (a file, or a directory to write files in) cannot be written: found
+    out before the work, not after it, when the result would be lost. Missing parents are created later."""
+    from mql_ros.core.errors import InputError
+
+    target = Path(path)
+    if directory and target.exists() and not target.is_dir():
+        raise InputError(f"{flag} {path} is not a directory")
+    if not directory and target.is_dir():
+        raise InputError(f"{flag} {path} is a directory, not a file")
+    start = target if directory else target.parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: no permission to write in {existing}")
+
+
+def _check_dims(family, ckpt, checkpoint: str) -> None:
+    """A family the checkpoint's networks cannot read, found before any rollout rather than at its first act()."""
+    from mql_ros.core.errors import InputError
+
+    spec = _family_encoding(family)
+    if (spec.obs_dim, spec.act_dim) != (ckpt.obs_dim, ckpt.act_dim):
+        raise InputError(f"family {family.name!r} has obs/act dims {spec.obs_dim}/{spec.act_dim}, the checkpoint "
+                         f"{checkpoint} was trained with {ckpt.obs_dim}/{ckpt.act_dim}")
+
+
+def _first_tasks(family, split: str, n: int) -> list[dict]:
+    """The first n tasks of the split (0: all); an empty split is an error, not a mean return of NaN."""
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import split_tasks
+
+    tasks = split_tasks(family, split)
+    if not tasks:
+        raise InputError(f"split {split} of family {family.name!r} has no tasks")
+    return tasks[:n] if n > 0 else tasks
 
 
 def _load_agent(path: str):
@@ -339,7 +411,7 @@ def _archive_replay(directory: str, agent, robot):
     from mql_ros.core.errors import InputError
     from mql_ros.core.replay import MultiTaskReplay
 
-    episodes = load_episodes(directory, robot=robot)
+    episodes = load_episodes(directory, robot=robot, warn=_warn)
     if not episodes:
         raise InputError(f"archive {directory} holds no episodes")
     replay = MultiTaskReplay(agent.cfg.history_len, agent.cfg.replay_size)

@@ -233,7 +233,7 @@ def test_recorder_frees_each_closed_bag_without_waiting_for_the_cyclic_collector
     assert len(bag_dirs(tmp_path)) == 3
 
 
-def _cut_before_summary(bag: Path) -> None:
+def cut_before_summary(bag: Path) -> None:
     """Leave the .mcap as a writer killed after its last chunk leaves it: the data, no summary, no footer."""
     mcap = next(bag.glob("*.mcap"))
     data = mcap.read_bytes()
@@ -251,7 +251,7 @@ def test_mcap_cut_before_its_summary_gives_every_message_before_the_cut(tmp_path
     writer.close()
     (bag,) = bag_dirs(tmp_path)
     (bag / "metadata.yaml").unlink()
-    _cut_before_summary(bag)
+    cut_before_summary(bag)
     got, report = read_bag(bag, robot, cache=False)
     assert_same_episodes(got, episodes)
     assert any("stopped reading" in p for p in report.problems), report.problems
@@ -264,7 +264,7 @@ def test_bag_rosbags_cannot_open_is_read_as_a_stream_reported_and_its_siblings_s
         writer.add(e)
     writer.close()
     first, cut, renamed = bag_dirs(tmp_path)
-    _cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary
+    cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary
     mcap = next(renamed.glob("*.mcap"))
     mcap.rename(mcap.with_name("renamed.mcap"))  # metadata.yaml names a file that is gone
     report = verify_archive(tmp_path, robot)

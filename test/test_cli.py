@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_archive import cut_before_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "start_steps: 150\nhistory_len: 20\nhidden_sizes: [32, 32]\nbatch_size: 32\n"
@@ -153,3 +154,121 @@ def test_train_with_archive_then_adapt_and_verify_from_the_archive(tmp_path):
                 "--task-index", "1", "--out", "adapted.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "archived transitions: 150" in r.stdout
+    # the last bag as a writer killed before its summary leaves it: its data are kept and it is named
+    last = sorted(p for p in (tmp_path / "archive").iterdir() if p.is_dir() and not p.name.startswith("."))[-1]
+    cut_before_summary(last)
+    r = run_cli("adapt", "--checkpoint", "arm.pt", "--archive", "archive", "--family", "arm_reach",
+                "--task-index", "1", "--out", "adapted2.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "archived transitions: 150" in r.stdout
+    assert f"mql-ros: warning: bag archive/{last.name}: 2 problem(s)" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- bad arguments, in-process
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """mql_ros.cli.main in this process: (exit status, stderr)."""
+    from mql_ros.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def _one_line_error(err: str, *words: str) -> None:
+    assert len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+@pytest.mark.parametrize("command", [
+    ("train", "--family", "point_goal", "--steps", "10", "--out", "x.pt"),
+    ("eval", "--checkpoint", "missing.pt"),
+    ("adapt", "--checkpoint", "missing.pt", "--task-index", "0", "--out", "y.pt"),
+    ("demo", "--checkpoint", "missing.pt"),
+])
+def test_seed_outside_0_to_2_32_minus_1_is_exit_2_for_every_command(capsys, tmp_path, monkeypatch, command, seed):
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *command, "--seed", seed)
+    assert rc == 2
+    _one_line_error(err, f"--seed must be in 0..2**32-1, got {seed}")
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the work started although --out cannot be written")
+
+
+@pytest.mark.parametrize("out, message", [
+    ("a_directory", "--out a_directory is a directory"),
+    ("a_file/sub/x.pt", "a_file is not a directory"),
+])
+def test_train_refuses_an_unwritable_out_before_training(capsys, tmp_path, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    (tmp_path / "a_directory").mkdir()
+    (tmp_path / "a_file").write_text("")
+    rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", "--out", out)
+    assert rc == 2
+    _one_line_error(err, message)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any directory")
+def test_train_refuses_an_out_in_a_directory_without_write_permission(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", "--out", locked / "x.pt")
+    assert rc == 2
+    _one_line_error(err, "no permission to write in")
+
+
+def test_adapt_and_demo_refuse_an_unwritable_out_before_the_work(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.adaptation.adapt", _must_not_run)
+    monkeypatch.setattr("mql_ros.core.training.evaluate", _must_not_run)
+    (tmp_path / "a_directory.pt").mkdir()
+    (tmp_path / "a_file").write_text("")
+    rc, err = run_main(capsys, "adapt", "--checkpoint", tiny_checkpoint, "--task-index", "0", "--out",
+                       "a_directory.pt")
+    assert rc == 2
+    _one_line_error(err, "--out a_directory.pt is a directory")
+    rc, err = run_main(capsys, "demo", "--checkpoint", tiny_checkpoint, "--tasks", "1", "--out", "a_file")
+    assert rc == 2
+    _one_line_error(err, "--out a_file is not a directory")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--tasks", "-5"), "--tasks must be >= 0 (0: all), got -5"),
+    (("eval", "--episodes", "0"), "--episodes must be >= 1, got 0"),
+    (("demo", "--tasks", "0"), "--tasks must be >= 1, got 0"),
+    (("demo", "--tasks", "-3"), "--tasks must be >= 1, got -3"),
+    (("demo", "--tasks", "1", "--episodes", "0"), "--episodes must be >= 1, got 0"),
+])
+def test_eval_and_demo_refuse_negative_task_counts_and_no_episodes(capsys, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                   args, message):
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *args, "--checkpoint", tiny_checkpoint)
+    assert rc == 2
+    _one_line_error(err, message)
+
+
+def test_eval_of_an_empty_split_is_exit_2_naming_split_and_family(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    """It was exit 0 with a mean return of NaN (invalid JSON with --json)."""
+    (tmp_path / "family_without_ood.py").write_text(
+        "from mql_ros.sim.point import PointGoalFamily\nFAMILY = PointGoalFamily(n_ood=0)\n")
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, "eval", "--checkpoint", tiny_checkpoint, "--family", "family_without_ood:FAMILY",
+                       "--split", "ood", "--episodes", "1", "--json")
+    assert rc == 2
+    _one_line_error(err, "split ood of family 'point_goal' has no tasks")
+
+
+@pytest.mark.parametrize("command", [
+    ("eval", "--tasks", "1", "--episodes", "1"),
+    ("adapt", "--task-index", "0", "--out", "adapted.pt"),
+])
+def test_a_family_of_other_dims_than_the_checkpoint_is_refused_naming_both(capsys, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, *command, "--checkpoint", tiny_checkpoint, "--family", "arm_reach")
+    assert rc == 2
+    _one_line_error(err, "family 'arm_reach' has obs/act dims 12/5", f"{tiny_checkpoint} was trained with 1/1")

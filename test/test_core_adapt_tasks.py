@@ -34,6 +34,8 @@ class _BadEnv(gymnasium.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t = 0
+        if self.kind == "old_reset":  # the Gym API before gymnasium
+            return np.zeros(2, np.float32)
         return np.zeros(2, np.float32), {}
 
     def step(self, action):
@@ -46,10 +48,14 @@ class _BadEnv(gymnasium.Env):
             obs = np.zeros(1, np.float32)
         elif bad and self.kind == "text_obs":
             obs = np.array(["a", "b"])
+        elif bad and self.kind == "huge_obs":  # finite as float64, inf as float32
+            obs = np.array([0.0, 1e39])
         elif bad and self.kind == "inf_reward":
             reward = float("inf")
         elif bad and self.kind == "none_reward":
             reward = None
+        elif bad and self.kind == "old_step":
+            return obs, reward, False, {}
         return obs, reward, False, self.t >= 5, {}
 
 
@@ -130,6 +136,9 @@ def test_task_ids_name_family_split_and_index():
     ("nan_obs", ["NaN or inf", "step 2"]),
     ("short_obs", ["shape (1,)", "expected (2,)", "step 2"]),
     ("text_obs", ["dtype", "step 2"]),
+    ("huge_obs", ["step 2 returned an observation with values too large for float32"]),
+    ("old_reset", ["reset returned ndarray, expected gymnasium's (obs, info)"]),
+    ("old_step", ["step 2 returned a 4-tuple, expected gymnasium's (obs, reward, terminated, truncated, info)"]),
     ("inf_reward", ["non-finite reward", "step 2"]),
     ("none_reward", ["not a number", "step 2"]),
 ])

@@ -196,3 +196,28 @@ def test_shipped_checkpoint_holds_the_config_of_its_documented_training_commands
     # continued from the 100k-step checkpoint that the first command made (the one shipped before, README)
     assert shipped.extra["init"]["sha256"].startswith("c011d43b7659") and shipped.extra["init"]["steps"] == 100000
     assert "--config config/arm_reach_final.yaml" in shipped.extra["command"]
+
+
+def test_weights_of_the_wrong_shape_name_the_tensor_and_both_shapes_on_one_line(tmp_path, good):
+    _, payload = good
+    nets = {**payload["weights"]["nets"], "actor.net.0.weight": torch.zeros(3, 3)}
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(_edited(tmp_path, payload, weights={**payload["weights"], "nets": nets}))
+    message = str(err.value)
+    assert "size mismatch for actor.net.0.weight" in message and "torch.Size([3, 3]) from checkpoint" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value, message", [
+    (0.0, "need 10 finite positive values, got [1, 0, 1"),
+    (-2.0, "need 10 finite positive values, got [1, -2, 1"),
+    (float("inf"), "contain NaN or inf: critic_encoder.input_scale"),
+])
+def test_a_zero_negative_or_non_finite_context_input_scale_is_a_checkpoint_error_naming_it(tmp_path, good, value,
+                                                                                           message):
+    _, payload = good
+    for part in ("nets", "targets"):
+        payload["weights"][part]["critic_encoder.input_scale"][1] = value
+    with pytest.raises(CheckpointError, match="input_scale") as err:
+        load_checkpoint(_edited(tmp_path, payload))
+    assert message in str(err.value)

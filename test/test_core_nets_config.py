@@ -120,3 +120,53 @@ def test_unreadable_or_non_mapping_yaml_is_a_config_error(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("item, problem", [
+    ("lr=[1", "line 1, column 3: expected ',' or ']', but got '<stream end>'"),
+    ("proximal=*x", "found undefined alias 'x'"),
+    ("lr={a: 1, a: 2}", "found duplicate key 'a'"),
+])
+def test_malformed_yaml_in_a_command_line_adapt_override_is_one_line_naming_the_override(item, problem):
+    with pytest.raises(ConfigError) as err:
+        AdaptConfig().with_overrides([item])
+    message = str(err.value)
+    assert message.startswith(f"adapt override {item!r}: the value is not valid YAML") and problem in message
+    assert "\n" not in message
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=f"config file {path} is not UTF-8 text"):
+        load_config(path)
+
+
+def test_invalid_yaml_in_a_config_file_is_one_line_with_the_file_line_column_and_problem(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("history_len: 60\nlr: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"config file {path} is not valid YAML: line 3, column 1: expected ',' or ']', but got "
+                              f"'<stream end>' (while parsing a flow sequence at line 2, column 5)")
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("lr: 0.001\nbatch_size: 32\nlr: 0.5\n", "lr", 3),
+    ("{lr: 0.001, lr: 0.5}\n", "lr", 1),
+    ("adapt:\n  archive_iters: 7\n  lr: 0.001\n  archive_iters: 400\n", "archive_iters", 4),
+])
+def test_a_key_given_twice_in_a_config_file_is_a_config_error_naming_the_key(tmp_path, text, key, line):
+    """PyYAML keeps the last value silently; the run would use a value its user may not have meant."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{path}.*line {line}, column \d+: found duplicate key '{key}'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"duplicate key '{key}'"):
+        continued_config(MQLConfig(), path)
+
+
+def test_keys_merged_in_with_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("adapt:\n  <<: {lr: 0.001, archive_iters: 7}\n  lr: 0.002\n")
+    assert (load_config(path).adapt.lr, load_config(path).adapt.archive_iters) == (0.002, 7)

@@ -362,7 +362,7 @@ def bad_files(tmp_path_factory):
     (("eval", "--checkpoint", "version99.pt"), "unknown version 99"),
     (("eval", "--checkpoint", "notes.pt"), "notes.pt: not a readable checkpoint"),
     (("eval", "--checkpoint", "arm.pt", "--family", "point_goal", "--tasks", "1", "--episodes", "1"),
-     "expected obs of 12"),  # a checkpoint of another configuration (the arm's) for the point family
+     "family 'point_goal' has obs/act dims 1/1, the checkpoint arm.pt was trained with 12/5"),
     (("archive", "verify", "corrupt"), "b1_0.mcap is not an MCAP file"),
     (("archive", "verify", "no_such_dir"), "no_such_dir does not exist"),
 ])

@@ -70,15 +70,13 @@ def save_checkpoint(path: str | Path, agent: TD3Context, family: str, robot: Bag
     return file_sha256(path)
 
 
-def _tensors(obj):
+def _tensors(obj, name: str = ""):
+    """(name, tensor) of every tensor in a nested state dict, e.g. ("critic_encoder.input_scale", t)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
+        yield name, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
 
 
 def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_act_dim: int | None = None,
@@ -135,8 +133,9 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     if not isinstance(weights, dict):
         raise fail("weights are not a mapping")
     for part in ("nets", "targets"):
-        if not all(torch.isfinite(t).all() for t in _tensors(weights.get(part, {})) if t.is_floating_point()):
-            raise fail(f"weights ({part}) contain NaN or inf")
+        bad = [n for n, t in _tensors(weights.get(part, {})) if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise fail(f"weights ({part}) contain NaN or inf: {', '.join(bad)}")
     if payload["version"] == 1:
         _add_unit_input_scales(weights)
     extra = payload["extra"] if isinstance(payload["extra"], dict) else {}
@@ -165,8 +164,13 @@ def agent_from_checkpoint(ckpt: Checkpoint) -> TD3Context:
     try:
         agent.load_state_dict(ckpt.weights)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        reason = str(e).splitlines()[0][:300]
+        # torch puts the tensors that do not fit (name and both shapes) on the lines after its first
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:1000]
         raise CheckpointError(f"weights do not fit the checkpoint's config: {reason}") from e
+    try:
+        agent.check_context_input_scales()
+    except InputError as e:
+        raise CheckpointError(f"invalid weights: {e}") from e
     return agent
 
 

@@ -161,7 +161,10 @@ class AdaptConfig:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"adapt override {item!r}: expected KEY=VALUE")
-            parsed = yaml.safe_load(value)
+            try:
+                parsed = _load_yaml(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"adapt override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from e
             if isinstance(parsed, str):
                 try:
                     parsed = float(value)
@@ -260,15 +263,55 @@ def continued_config(base: MQLConfig, path: str | Path | None) -> MQLConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML silently keeps the last value, so a
+    forgotten second `lr:` further down a file would win unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged in by `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Every config YAML the package reads (files and --adapt-set values) is parsed here."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no Python objects
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line, column) and what, without its multi-line excerpt."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return " ".join(str(e).split())
+    mark, context = e.problem_mark, e.context_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context:
+        at = f" at line {context.line + 1}, column {context.column + 1}" if context else ""
+        text += f" ({e.context}{at})"
+    return text
+
+
 def _read_yaml(path: str | Path) -> dict:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -98,6 +98,13 @@ def task_id(family: TaskFamily, split: str, index: int) -> str:
     return f"{family.name}/{split}/{int(index)}"
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # observations are stored and learned from as float32
+
+
+def _describe_return(out: Any) -> str:
+    return f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
+
+
 class CheckedEnv(gymnasium.Wrapper):
     """Checks every observation and reward of a family's env, and maps actions from [-1, 1] to its Box.
 
@@ -132,10 +139,17 @@ class CheckedEnv(gymnasium.Wrapper):
                              f"expected ({self.obs_dim},)")
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{self._where}: {when} returned an observation with NaN or inf: {arr.tolist()}")
+        if np.any(np.abs(arr) > _FLOAT32_MAX):  # finite here, but inf once stored as float32
+            raise InputError(f"{self._where}: {when} returned an observation with values too large for float32 "
+                             f"(beyond {_FLOAT32_MAX:.4g}): {arr.tolist()}")
         return arr.astype(np.float32)
 
     def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
+        out = self.env.reset(**kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise InputError(f"{self._where}: reset returned {_describe_return(out)}, expected gymnasium's "
+                             f"(obs, info) with info a dict (the old Gym API returned obs alone)")
+        obs, info = out
         self._step = 0
         return self._check_obs(obs, "reset"), info
 
@@ -145,8 +159,13 @@ class CheckedEnv(gymnasium.Wrapper):
             raise InputError(f"{self._where}: step {self._step}: action must be {self.act_dim} finite "
                              f"values, got {a.tolist()}")
         a = self._low + (np.clip(a, -1.0, 1.0) + 1.0) * 0.5 * (self._high - self._low)
-        obs, reward, terminated, truncated, info = self.env.step(a.astype(self.env.action_space.dtype))
+        out = self.env.step(a.astype(self.env.action_space.dtype))
         when = f"step {self._step}"
+        if not (isinstance(out, tuple) and len(out) == 5):
+            raise InputError(f"{self._where}: {when} returned {_describe_return(out)}, expected gymnasium's "
+                             f"(obs, reward, terminated, truncated, info) (the old Gym API returned "
+                             f"(obs, reward, done, info))")
+        obs, reward, terminated, truncated, info = out
         self._step += 1
         obs = self._check_obs(obs, when)
         try:

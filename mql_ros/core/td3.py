@@ -126,14 +126,27 @@ class TD3Context:
         once before learning starts (networks.ContextEncoder, context.context_input_scale)."""
         if not self.cfg.use_context:
             return
-        s = torch.as_tensor(np.asarray(scale, dtype=np.float32).reshape(-1))
-        e = entry_dim(self.obs_dim, self.act_dim)
-        if s.shape[0] != e or not torch.isfinite(s).all() or not (s > 0).all():
-            raise InputError(f"set_context_input_scale: need {e} finite positive values, got {scale!r}")
+        s = self._checked_input_scale(scale, "set_context_input_scale")
         for nets in (self.nets, self.targets):
             for name in ("critic_encoder", "actor_encoder"):
                 if name in nets:
                     nets[name].input_scale.copy_(s)
+
+    def check_context_input_scales(self) -> None:
+        """InputError naming the first encoder whose input_scale is not finite and positive: loaded weights
+        (e.g. an edited checkpoint) are not checked by set_context_input_scale."""
+        for part, nets in (("nets", self.nets), ("targets", self.targets)):
+            for name in ("critic_encoder", "actor_encoder"):
+                if name in nets:
+                    self._checked_input_scale(nets[name].input_scale, f"{part} {name}.input_scale")
+
+    def _checked_input_scale(self, scale, what: str) -> Tensor:
+        s = torch.as_tensor(np.asarray(scale, dtype=np.float32).reshape(-1))
+        e = entry_dim(self.obs_dim, self.act_dim)
+        if s.shape[0] != e or not torch.isfinite(s).all() or not (s > 0).all():
+            values = ", ".join(f"{v:.4g}" for v in s.tolist())
+            raise InputError(f"{what}: need {e} finite positive values, got [{values}]")
+        return s
 
     def act(self, obs: np.ndarray, context: np.ndarray, noise: float = 0.0,
             rng: np.random.Generator | None = None) -> np.ndarray:
