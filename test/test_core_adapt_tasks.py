@@ -52,6 +52,8 @@ class _BadEnv(gymnasium.Env):
             obs = np.array([0.0, 1e39])
         elif bad and self.kind == "inf_reward":
             reward = float("inf")
+        elif bad and self.kind == "huge_reward":
+            reward = -1e39
         elif bad and self.kind == "none_reward":
             reward = None
         elif bad and self.kind == "old_step":
@@ -140,6 +142,7 @@ def test_task_ids_name_family_split_and_index():
     ("old_reset", ["reset returned ndarray, expected gymnasium's (obs, info)"]),
     ("old_step", ["step 2 returned a 4-tuple, expected gymnasium's (obs, reward, terminated, truncated, info)"]),
     ("inf_reward", ["non-finite reward", "step 2"]),
+    ("huge_reward", ["step 2 returned a reward too large for float32: -1e+39"]),
     ("none_reward", ["not a number", "step 2"]),
 ])
 def test_checked_env_names_family_task_and_step_of_bad_env_output(kind, words):

@@ -175,6 +175,8 @@ class CheckedEnv(gymnasium.Wrapper):
                              f"{reward!r}") from e
         if not np.isfinite(r):
             raise InputError(f"{self._where}: {when} returned a non-finite reward {r}")
+        if abs(r) > _FLOAT32_MAX:
+            raise InputError(f"{self._where}: {when} returned a reward too large for float32: {r}")
         return obs, r, bool(terminated), bool(truncated), info
 
 
