@@ -49,23 +49,24 @@ def assert_same_episodes(got: list[Episode], want: list[Episode]) -> None:
         np.testing.assert_array_equal(a.actions, b.actions)
         np.testing.assert_array_equal(a.rewards, b.rewards)
 
-
-def test_episodes_round_trip_bit_exact_through_bags(tmp_path, robot):
-    episodes = random_episodes(robot)
-    writer = EpisodeArchiveWriter(tmp_path, robot, family="arm_reach", episodes_per_bag=2)
+def write_archive(directory: Path, robot, episodes: list[Episode], episodes_per_bag: int = 20,
+                  family: str = "train") -> list[Path]:
+    """The episodes through EpisodeArchiveWriter; the bags it wrote."""
+    writer = EpisodeArchiveWriter(directory, robot, family=family, episodes_per_bag=episodes_per_bag)
     for e in episodes:
         writer.add(e)
     writer.close()
-    assert len(bag_dirs(tmp_path)) == 2
+    return bag_dirs(directory)
+
+
+def test_episodes_round_trip_bit_exact_through_bags(tmp_path, robot):
+    episodes = random_episodes(robot)
+    assert len(write_archive(tmp_path, robot, episodes, episodes_per_bag=2, family="arm_reach")) == 2
     assert_same_episodes(load_episodes(tmp_path, robot), episodes)
 
 
 def test_written_bags_have_rosbag2_metadata_with_true_counts(tmp_path, robot):
-    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=5)
-    for e in random_episodes(robot, n=2, steps=4):
-        writer.add(e)
-    writer.close()
-    (bag,) = bag_dirs(tmp_path)
+    (bag,) = write_archive(tmp_path, robot, random_episodes(robot, n=2, steps=4), episodes_per_bag=5)
     info = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert info["storage_identifier"] == "mcap"
     counts = {t["topic_metadata"]["name"]: t["message_count"] for t in info["topics_with_message_count"]}
@@ -123,11 +124,7 @@ def test_bag_from_an_independent_mcap_writer_is_read(tmp_path, robot):
 
 
 def test_truncated_bag_is_reported_and_earlier_bags_stay_readable(tmp_path, robot):
-    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=1)
-    for e in random_episodes(robot, n=2, steps=30):
-        writer.add(e)
-    writer.close()
-    first, second = bag_dirs(tmp_path)
+    first, second = write_archive(tmp_path, robot, random_episodes(robot, n=2, steps=30), episodes_per_bag=1)
     mcap = next(second.glob("*.mcap"))
     mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
     report = verify_archive(tmp_path, robot)
@@ -245,11 +242,7 @@ def cut_before_summary(bag: Path) -> None:
 
 def test_mcap_cut_before_its_summary_gives_every_message_before_the_cut(tmp_path, robot):
     episodes = random_episodes(robot, n=2, steps=20)
-    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=2)
-    for e in episodes:
-        writer.add(e)
-    writer.close()
-    (bag,) = bag_dirs(tmp_path)
+    (bag,) = write_archive(tmp_path, robot, episodes, episodes_per_bag=2)
     (bag / "metadata.yaml").unlink()
     cut_before_summary(bag)
     got, report = read_bag(bag, robot, cache=False)
@@ -259,11 +252,7 @@ def test_mcap_cut_before_its_summary_gives_every_message_before_the_cut(tmp_path
 
 def test_bag_rosbags_cannot_open_is_read_as_a_stream_reported_and_its_siblings_stay_usable(tmp_path, robot):
     episodes = random_episodes(robot, n=3, steps=20)
-    writer = EpisodeArchiveWriter(tmp_path, robot, episodes_per_bag=1)
-    for e in episodes:
-        writer.add(e)
-    writer.close()
-    first, cut, renamed = bag_dirs(tmp_path)
+    first, cut, renamed = write_archive(tmp_path, robot, episodes, episodes_per_bag=1)
     cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary
     mcap = next(renamed.glob("*.mcap"))
     mcap.rename(mcap.with_name("renamed.mcap"))  # metadata.yaml names a file that is gone
@@ -289,10 +278,7 @@ def test_load_episodes_names_each_bag_with_problems_and_what_it_kept(tmp_path, r
 
 
 def test_recorder_refuses_a_directory_that_is_itself_a_bag(tmp_path, robot):
-    writer = EpisodeArchiveWriter(tmp_path, robot)
-    writer.add(random_episodes(robot, n=1)[0])
-    writer.close()
-    (bag,) = bag_dirs(tmp_path)
+    (bag,) = write_archive(tmp_path, robot, random_episodes(robot, n=1))
     with pytest.raises(ArchiveError, match="is itself a bag"):
         ArchiveRecorder(bag, robot)
     assert bag_dirs(tmp_path) == [bag]
@@ -314,10 +300,7 @@ def test_report_of_a_moved_archive_names_the_bag_where_it_is_now(tmp_path, robot
 
 
 def test_a_file_given_as_a_bag_is_a_clear_error_naming_its_directory(tmp_path, robot):
-    writer = EpisodeArchiveWriter(tmp_path, robot)
-    writer.add(random_episodes(robot, n=1)[0])
-    writer.close()
-    (bag,) = bag_dirs(tmp_path)
+    (bag,) = write_archive(tmp_path, robot, random_episodes(robot, n=1))
     with pytest.raises(ArchiveError, match=f"is a file: give the bag directory that holds it \\({bag}\\)"):
         load_episodes(next(bag.glob("*.mcap")), robot)
 
@@ -325,9 +308,7 @@ def test_a_file_given_as_a_bag_is_a_clear_error_naming_its_directory(tmp_path, r
 def test_export_writes_and_returns_the_npz_file_it_names(tmp_path, robot):
     from mql_ros.archive import export_archive
 
-    writer = EpisodeArchiveWriter(tmp_path / "archive", robot)
-    writer.add(random_episodes(robot, n=1)[0])
-    writer.close()
+    write_archive(tmp_path / "archive", robot, random_episodes(robot, n=1))
     out = export_archive(tmp_path / "archive", tmp_path / "flat", robot)
     assert out == tmp_path / "flat.npz" and out.is_file()
     (tmp_path / "dir.npz").mkdir()
