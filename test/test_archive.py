@@ -250,18 +250,29 @@ def test_mcap_cut_before_its_summary_gives_every_message_before_the_cut(tmp_path
     assert any("stopped reading" in p for p in report.problems), report.problems
 
 
-def test_bag_rosbags_cannot_open_is_read_as_a_stream_reported_and_its_siblings_stay_usable(tmp_path, robot):
+def test_bag_cut_before_its_summary_is_read_as_a_stream_reported_and_its_siblings_stay_usable(tmp_path, robot):
     episodes = random_episodes(robot, n=3, steps=20)
-    first, cut, renamed = write_archive(tmp_path, robot, episodes, episodes_per_bag=1)
-    cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary
-    mcap = next(renamed.glob("*.mcap"))
-    mcap.rename(mcap.with_name("renamed.mcap"))  # metadata.yaml names a file that is gone
+    first, cut, last = write_archive(tmp_path, robot, episodes, episodes_per_bag=1)
+    cut_before_summary(cut)  # metadata.yaml still there: rosbags needs the summary, so it cannot open the bag
     report = verify_archive(tmp_path, robot)
-    assert [bool(b.problems) for b in report.bags] == [False, True, True]
-    assert all(any("rosbags" in p and "cannot open" in p for p in b.problems) for b in report.bags[1:])
+    assert [bool(b.problems) for b in report.bags] == [False, True, False]
+    assert any("rosbags" in p and "cannot open" in p for p in report.bags[1].problems), report.bags[1].problems
     warnings: list[str] = []
     assert_same_episodes(load_episodes(tmp_path, robot, warn=warnings.append), episodes)
-    assert [w.split(":")[0] for w in warnings] == [f"bag {cut}", f"bag {renamed}"]
+    assert [w.split(":")[0] for w in warnings] == [f"bag {cut}"]
+
+
+def test_verify_flags_metadata_naming_files_or_storage_the_bag_does_not_have(tmp_path, robot):
+    episodes = random_episodes(robot, n=2, steps=5)
+    renamed, relabelled = write_archive(tmp_path, robot, episodes, episodes_per_bag=1)
+    mcap = next(renamed.glob("*.mcap"))
+    mcap.rename(mcap.with_name("renamed.mcap"))
+    meta = relabelled / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("storage_identifier: mcap", "storage_identifier: sqlite3"))
+    report = verify_archive(tmp_path, robot)
+    assert any(f"names {mcap.name}, which is not in the bag" in p for p in report.bags[0].problems)
+    assert any("says storage 'sqlite3'" in p for p in report.bags[1].problems)
+    assert_same_episodes(load_episodes(tmp_path, robot), episodes)  # the data themselves are intact
 
 
 def test_load_episodes_names_each_bag_with_problems_and_what_it_kept(tmp_path, robot):

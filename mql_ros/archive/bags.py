@@ -312,10 +312,6 @@ def read_bag(path: str | Path, robot: BagEncoding, task_id: str | None = None,
         episodes, report = read_bag_per_message(path, robot, task_id, episode_gap_s)
     else:
         report = BagReport(str(path), messages=counts)
-        if (path / "metadata.yaml").is_file():  # the bulk decoder reads the .mcap alone: would rosbags open it?
-            reader = _rosbag2_reader(path, report)
-            if reader is not None:
-                reader.close()
         episodes = columnar.run_rule(decoded, robot, task_id or path.name, episode_gap_s, report)
         _summarize(report, episodes)
     try:

@@ -37,7 +37,8 @@ class VerifyReport:
 
 
 def _check_metadata(bag: Path, report: BagReport) -> None:
-    """metadata.yaml must exist and agree with the messages actually read (a killed writer leaves none)."""
+    """metadata.yaml must exist, name the bag's files and storage, and agree with the messages actually read (a
+    killed writer leaves none). The reader here does not need it; `ros2 bag info` and `ros2 bag play` do."""
     meta = bag / "metadata.yaml"
     if not meta.is_file():
         report.problems.append("no metadata.yaml: the writer did not finish this bag (killed?)")
@@ -45,9 +46,16 @@ def _check_metadata(bag: Path, report: BagReport) -> None:
     try:
         info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
         counts = {t["topic_metadata"]["name"]: int(t["message_count"]) for t in info["topics_with_message_count"]}
+        files, storage = [str(f) for f in info["relative_file_paths"]], info["storage_identifier"]
     except (yaml.YAMLError, KeyError, TypeError) as exc:
         report.problems.append(f"metadata.yaml is unreadable: {exc}")
         return
+    for name in files:
+        if not (bag / name).is_file():
+            report.problems.append(f"metadata.yaml names {name}, which is not in the bag (ros2 bag cannot open it)")
+    if storage != "mcap" and any(bag.glob("*.mcap")):
+        report.problems.append(f"metadata.yaml says storage {storage!r}, the bag's files are MCAP (ros2 bag cannot "
+                               "open it)")
     for topic, n in report.messages.items():
         if counts.get(topic, 0) != n:
             report.problems.append(f"{topic}: metadata.yaml says {counts.get(topic, 0)} messages, read {n}")
