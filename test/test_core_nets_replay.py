@@ -145,3 +145,17 @@ def test_loading_a_saved_episode_cut_short_is_an_input_error_naming_the_file(tmp
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(InputError, match=f"{path} is not a saved episode"):
         Episode.load(path)
+
+
+def test_unused_path_skips_names_an_earlier_run_left_so_nothing_is_overwritten(tmp_path):
+    """The adaptation node names saved episodes <task>_<count>.npz with a count from its start; a restarted node
+    wrote over the first run's files (found by an audit)."""
+    from mql_ros.core.paths import unused_path
+
+    first = unused_path(tmp_path, "arm_reach/test 0", first=1, digits=5, suffix=".npz")
+    assert first == tmp_path / "arm_reach_test_0_00001.npz"
+    first.write_bytes(b"earlier run")
+    (tmp_path / "arm_reach_test_0_00002.npz").write_bytes(b"earlier run")
+    again = unused_path(tmp_path, "arm_reach/test 0", first=1, digits=5, suffix=".npz")
+    assert again.name == "arm_reach_test_0_00003.npz"
+    assert first.read_bytes() == b"earlier run"

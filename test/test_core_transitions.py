@@ -98,6 +98,23 @@ def test_nan_state_and_nan_reward_are_rejected(env):
         builder.on_reward(1, float("nan"))
 
 
+def test_values_finite_in_float64_but_not_in_float32_are_rejected_like_nan(env):
+    """1e39 passes a float64 isfinite check and is inf in the replay and the context: it stopped the context
+    encoder and the adaptation node (found by an audit)."""
+    from mql_ros.core.safety import read_joint_state
+
+    robot, builder = env.robot, TransitionBuilder(env.robot)
+    with pytest.raises(InputError, match="NaN or inf \\(as float32\\)"):
+        builder.on_joint_state(0, list(robot.arm_joints), [0.0] * 4, [0, 0, 1e39, 0])
+    with pytest.raises(InputError, match="not finite \\(as float32\\)"):
+        builder.on_reward(1, -1e39)
+    with pytest.raises(InputError, match="NaN or inf \\(as float32\\)"):
+        builder.on_command(2, [0.0, 0.0, 0.0, 1e39], [0.0])
+    with pytest.raises(InputError, match="NaN or inf \\(as float32\\)"):
+        read_joint_state(robot, list(robot.arm_joints), [1e39, 0, 0, 0], [0.0] * 4, robot.arm_joints, "arm")
+    builder.on_joint_state(3, list(robot.arm_joints), [0.0] * 4, [0, 0, 3e38, 0])  # float32's largest: taken
+
+
 def test_time_going_backwards_is_rejected(env):
     builder = TransitionBuilder(env.robot)
     builder.on_reward(100, 0.0)

@@ -214,8 +214,12 @@ def test_a_diverging_adaptation_is_refused_by_validation_and_nothing_is_publishe
     assert policy_status(probe)["checkpoint_sha256"] == meta_sha
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ros_graph, tiny_checkpoint, sig):
+@pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-twice"])
+def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ros_graph, tiny_checkpoint, sig,
+                                                                               times):
+    """Twice: Ctrl-C in a launch's terminal reaches every node, and launch sends its own SIGINT; the second
+    one used to kill a node mid-cleanup (exit -2, found by an audit)."""
     probe = ros_graph.probe
     watch(probe)
     archive = ros_graph.dir / "archive"
@@ -228,8 +232,10 @@ def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ro
     assert not finished_bags(archive), "mid-episode: no bag finished yet"
     nodes = list(ros_graph.nodes.values())
     started = time.monotonic()
-    for node in nodes:  # all at once, as a launch file's shutdown does
-        node.interrupt(sig)
+    for _ in range(times):
+        for node in nodes:  # all at once, as a launch file's shutdown does
+            node.interrupt(sig)
+        time.sleep(0.03)
     for node in nodes:
         assert node.proc.wait(15) == 0, f"{node.name} exit status {node.proc.returncode}\n{node.log()[-3000:]}"
     elapsed = time.monotonic() - started

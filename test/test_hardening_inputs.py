@@ -151,6 +151,7 @@ def test_policy_node_rate_limits_each_command_from_the_last_one(ros_graph, tiny_
 BAD_STREAM = [  # (topic, message type, message, rejection counter)
     ("mql/reward", Float64, Float64(data=INF), "reward"),
     ("mql/reward", Float64, Float64(data=NAN), "reward"),
+    ("mql/reward", Float64, Float64(data=-1e39), "reward"),  # finite, but inf as float32: stopped both nodes
     ("mql/episode", String, String(data="this is not JSON"), "episode"),
     ("mql/episode", String, String(data=json.dumps({"task_id": "t/0"})), "episode"),  # no "event"
     ("mql/episode", String, String(data=json.dumps(["start"])), "episode"),
@@ -194,7 +195,7 @@ def test_encoder_and_adaptation_reject_bad_rewards_episode_events_and_commands_a
         arm_pub.publish(Float64MultiArray(data=values))
         grip_pub.publish(Float64MultiArray(data=[0.01]))
         wait_until_counted({"command": i})
-    wait_until_counted({"reward": 2, "episode": 4, "command": 2})
+    wait_until_counted({"reward": 3, "episode": 4, "command": 2})
     assert probe.call(Trigger, "mql/reset_context", Trigger.Request()).success
     assert probe.call(Trigger, "mql/rollback", Trigger.Request()).success
     assert all(p.proc.poll() is None for p in ros_graph.nodes.values())
@@ -308,7 +309,10 @@ def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoin
     ("context_encoder", {"arm_joints": []}, r"arm_joints is set but empty"),
     ("policy", {"gripper_joints": []}, r"gripper_joints is set but empty"),
     ("policy", {"arm_joints": ["no_such_joint"]}, r"no_such_joint"),
-    ("policy", {"robot_description": "<robot><joint"}, r"robot_description is not valid URDF XML"),
+    ("policy", {"robot_description": "<robot><joint"}, r"robot_description XML is not valid URDF XML"),
+    ("policy", {"robot_description": '<robot><joint name="j" type="revolute"><limit lower="abc" upper="1"/>'
+                "</joint></robot>"}, r"URDF joint 'j': limit lower='abc' upper='1' is not a number"),
+    ("context_encoder", {"robot_description": "/"}, r"cannot read URDF file /"),
 ])
 def test_bad_parameters_in_a_params_file_are_refused_at_declaration_naming_the_range(
         node, params, message, ros_context, tmp_path, tiny_checkpoint):

@@ -13,7 +13,6 @@ Episodes.
 from __future__ import annotations
 
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from rosbags.typesys import Stores, get_typestore
 from mql_ros.archive import columnar
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import ArchiveError, IncompleteStep, InputError
+from mql_ros.core.paths import unused_path
 from mql_ros.core.robot import BagEncoding, RobotSpec
 from mql_ros.core.transitions import TransitionBuilder
 
@@ -121,15 +121,6 @@ class BagWriter:
             self._writer.connections.clear()
 
 
-def _new_bag_path(directory: Path, stem: str) -> Path:
-    """A fresh, sortable bag name: <stem>_<UTC time>_<n>."""
-    base = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    n = 0
-    while (directory / f"{base}_{n:04d}").exists():
-        n += 1
-    return directory / f"{base}_{n:04d}"
-
-
 class ArchiveRecorder:
     """Records the contract topics as they arrive; a new bag starts after every `episodes_per_bag`
     episode end events (default 1, so a SIGKILL loses at most the episode in progress).
@@ -161,7 +152,9 @@ class ArchiveRecorder:
             raise ArchiveError(f"recording stopped: {self.failed}")
         if self._bag is None:
             try:
-                self._bag = BagWriter(_new_bag_path(self.directory, self.stem))
+                # a fresh, sortable name: <stem>_<UTC time>_<n>
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                self._bag = BagWriter(unused_path(self.directory, f"{self.stem}_{stamp}"))
             except ArchiveError as exc:
                 self.failed = str(exc)
                 raise

@@ -6,6 +6,7 @@ root. Looking in that order means one URDF and one config serve every kind of us
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def share_dir() -> Path:
         if (c / "urdf").is_dir() and (c / "config").is_dir():
             return c
     raise FileNotFoundError(f"cannot find the {PACKAGE} share directory (looked in {candidates})")
+
+
+def unused_path(directory: Path, stem: str, first: int = 0, digits: int = 4, suffix: str = "") -> Path:
+    """`directory`/<stem>_<n><suffix> for the first n >= `first` not taken yet, the stem made safe for a file
+    name: a writer never overwrites what an earlier run left there (a restarted node counts from 1 again)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
+    n = first
+    while (path := Path(directory) / f"{safe}_{n:0{digits}d}{suffix}").exists():
+        n += 1
+    return path
 
 
 def share_file(relative: str) -> Path:

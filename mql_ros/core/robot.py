@@ -21,6 +21,15 @@ import numpy as np
 from mql_ros.core.errors import InputError
 from mql_ros.core.paths import share_file
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_finite(values) -> bool:
+    """Finite, and still finite as float32: what the replay, the context and the networks hold. A value like
+    1e39 passes a float64 isfinite check and becomes inf downstream."""
+    v = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.isfinite(v)) and np.all(np.abs(v) <= FLOAT32_MAX))
+
 
 def order_joint_state(names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
     """Pick `expected` joints out of a JointState's (names, values), matched by name, never by index."""
@@ -133,8 +142,8 @@ class RobotSpec:
         if grip.shape[0] != 1:
             raise InputError(f"gripper command: expected 1 value, got {grip.shape[0]}")
         cmd = np.concatenate([arm, grip])
-        if not np.all(np.isfinite(cmd)):
-            raise InputError(f"command contains NaN or inf: {cmd.tolist()}")
+        if not float32_finite(cmd):
+            raise InputError(f"command contains NaN or inf (as float32): {cmd.tolist()}")
         lo, hi = self.command_lower, self.command_upper
         return np.clip((cmd - 0.5 * (lo + hi)) / (0.5 * (hi - lo)), -1.0, 1.0)
 
@@ -162,9 +171,15 @@ class RobotSpec:
         if urdf is None:
             urdf = share_file("urdf/mql_arm.urdf")
         text = str(urdf)
-        if not text.lstrip().startswith("<"):
-            text = Path(urdf).read_text()
-        root = ET.fromstring(text)
+        where = "robot_description XML" if text.lstrip().startswith("<") else f"URDF file {urdf}"
+        try:
+            if not text.lstrip().startswith("<"):
+                text = Path(urdf).read_text()
+            root = ET.fromstring(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {where}: {exc}") from exc
+        except ET.ParseError as exc:
+            raise InputError(f"{where} is not valid URDF XML: {exc}") from exc
         limits: dict[str, tuple[float, float]] = {}
         movable: list[str] = []
         for joint in root.iter("joint"):
@@ -174,7 +189,11 @@ class RobotSpec:
             lim = joint.find("limit")
             if lim is None or lim.get("lower") is None or lim.get("upper") is None:
                 raise InputError(f"URDF joint {name!r} has no position limits")
-            limits[name] = (float(lim.get("lower")), float(lim.get("upper")))
+            try:
+                limits[name] = (float(lim.get("lower")), float(lim.get("upper")))
+            except ValueError as exc:
+                raise InputError(f"URDF joint {name!r}: limit lower={lim.get('lower')!r} upper={lim.get('upper')!r} "
+                                 "is not a number") from exc
             movable.append(name)
         if arm_joints is None:
             arm_joints = tuple(j for j in movable if "finger" not in j)

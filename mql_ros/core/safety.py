@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mql_ros.core.errors import CheckpointError, InputError
-from mql_ros.core.robot import RobotSpec
+from mql_ros.core.robot import RobotSpec, float32_finite
 from mql_ros.core.runtime import DeployedPolicy
 
 
@@ -70,8 +70,8 @@ def read_joint_state(robot: RobotSpec, names, positions, velocities, joints: tup
     if len(velocities) == 0:
         raise InputError(f"{what}: no velocities (the observation needs them)")
     vel = robot.order_joint_state(names, velocities, joints, f"{what} velocity")
-    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
-        raise InputError(f"{what}: contains NaN or inf: position {pos.tolist()} velocity {vel.tolist()}")
+    if not (float32_finite(pos) and float32_finite(vel)):
+        raise InputError(f"{what}: contains NaN or inf (as float32): position {pos.tolist()} velocity {vel.tolist()}")
     return pos, vel
 
 

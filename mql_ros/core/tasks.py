@@ -18,6 +18,7 @@ import gymnasium
 import numpy as np
 
 from mql_ros.core.errors import InputError
+from mql_ros.core.robot import FLOAT32_MAX
 
 BUILTIN_FAMILIES = {
     "arm_reach": "mql_ros.sim.families:ArmReachFamily",
@@ -98,9 +99,6 @@ def task_id(family: TaskFamily, split: str, index: int) -> str:
     return f"{family.name}/{split}/{int(index)}"
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)  # observations are stored and learned from as float32
-
-
 def _describe_return(out: Any) -> str:
     return f"a {len(out)}-tuple" if isinstance(out, tuple) else type(out).__name__
 
@@ -139,9 +137,9 @@ class CheckedEnv(gymnasium.Wrapper):
                              f"expected ({self.obs_dim},)")
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{self._where}: {when} returned an observation with NaN or inf: {arr.tolist()}")
-        if np.any(np.abs(arr) > _FLOAT32_MAX):  # finite here, but inf once stored as float32
+        if np.any(np.abs(arr) > FLOAT32_MAX):  # finite here, but inf once stored as float32
             raise InputError(f"{self._where}: {when} returned an observation with values too large for float32 "
-                             f"(beyond {_FLOAT32_MAX:.4g}): {arr.tolist()}")
+                             f"(beyond {FLOAT32_MAX:.4g}): {arr.tolist()}")
         return arr.astype(np.float32)
 
     def reset(self, **kwargs):
@@ -175,7 +173,7 @@ class CheckedEnv(gymnasium.Wrapper):
                              f"{reward!r}") from e
         if not np.isfinite(r):
             raise InputError(f"{self._where}: {when} returned a non-finite reward {r}")
-        if abs(r) > _FLOAT32_MAX:
+        if abs(r) > FLOAT32_MAX:
             raise InputError(f"{self._where}: {when} returned a reward too large for float32: {r}")
         return obs, r, bool(terminated), bool(truncated), info
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import IncompleteStep, InputError
-from mql_ros.core.robot import BagEncoding
+from mql_ros.core.robot import BagEncoding, float32_finite
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ class TransitionBuilder:
 
     def on_reward(self, stamp_ns: int, value: float) -> None:
         value = float(value)
-        if not np.isfinite(value):
-            raise InputError(f"reward is not finite: {value}")
+        if not float32_finite(value):
+            raise InputError(f"reward is not finite (as float32): {value}")
         self.rule.advance(stamp_ns)
         self.rule.reward = (stamp_ns, value)
 
@@ -212,7 +212,7 @@ class TransitionBuilder:
         if len(velocities) == 0 and joints:  # a state of no joints (BoxSpec's gripper) has none
             raise InputError(f"{what}: no velocities")
         vel = self.robot.order_joint_state(names, velocities, joints, what + " velocities")
-        if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(vel))):
-            raise InputError(f"{what}: NaN or inf in {pos.tolist()} / {vel.tolist()}")
+        if not (float32_finite(pos) and float32_finite(vel)):
+            raise InputError(f"{what}: NaN or inf (as float32) in {pos.tolist()} / {vel.tolist()}")
         return pos, vel
 

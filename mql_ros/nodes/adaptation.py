@@ -11,7 +11,6 @@ meta-trained checkpoint.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save
 from mql_ros.core.config import load_config
 from mql_ros.core.episode import Episode, newest_within
 from mql_ros.core.errors import ArchiveError, ConfigError, InputError, MQLError
+from mql_ros.core.paths import unused_path
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.nodes.common import (
@@ -206,8 +206,12 @@ class AdaptationNode(Node):
         self.diag.values["episode_steps"] = 0
         if _event(msg.data) != "end":
             return
-        with self._lock:
-            episode = self.builder.finish_episode()
+        try:
+            with self._lock:
+                episode = self.builder.finish_episode()
+        except (MQLError, ValueError) as exc:  # an episode the replay cannot hold: dropped, reported, never fatal
+            self.diag.reject("episode", str(exc))
+            return
         if episode is not None and len(episode) > 0:
             self._collect(episode)
 
@@ -223,7 +227,7 @@ class AdaptationNode(Node):
         if self.episodes_dir is not None:
             try:
                 self.episodes_dir.mkdir(parents=True, exist_ok=True)
-                episode.save(self.episodes_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', episode.task_id)}_{count:05d}.npz")
+                episode.save(unused_path(self.episodes_dir, episode.task_id, first=count, digits=5, suffix=".npz"))
             except OSError as exc:  # losing the audit copy must not stop collection
                 self.diag.reject("save_episode", f"cannot save episode to {self.episodes_dir}: {exc}")
         self.diag.values.update({"task_id": self.task_id, "new_episodes": len(self.new_episodes),

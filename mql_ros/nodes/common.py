@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,8 +104,8 @@ def declare_robot(node: Node) -> RobotSpec:
                    "gripper joint names; unset: the URDF's movable joints named *finger*")
     try:
         return RobotSpec.from_urdf(urdf or None, tuple(arm) if arm else None, tuple(grip) if grip else None)
-    except ET.ParseError as exc:
-        raise ConfigError(f"{node.get_name()}: robot_description is not valid URDF XML: {exc}") from exc
+    except InputError as exc:
+        raise ConfigError(f"{node.get_name()}: {exc}") from exc
 
 
 def checkpoint_path(value: str) -> str:
@@ -276,9 +275,19 @@ def main_for(make_node: Callable[[], Node], args: list[str] | None = None,
         if rclpy.ok():
             raise
     finally:
+        # From here a second SIGINT/SIGTERM (a terminal's Ctrl-C reaches a launch's whole process group, and launch
+        # sends its own) would kill the process mid-cleanup with the signal's status: ignored, also after rclpy's
+        # shutdown puts back the handlers it found. A cleanup that hangs still ends with launch's SIGKILL.
+        _ignore_stop_signals()
         if node is not None:
             if hasattr(node, "close"):
                 node.close()
             node.destroy_node()
         rclpy.try_shutdown()
+        _ignore_stop_signals()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -135,9 +135,13 @@ class ContextEncoderNode(Node):
 
     # ------------------------------------------------------------------ the context
     def _push(self, obs: np.ndarray, action: np.ndarray, reward: float) -> None:
-        with self._lock:
-            self._steps.append((obs, action, reward))
-            z = self.encoder.push(obs, action, reward)
+        try:
+            with self._lock:
+                z = self.encoder.push(obs, action, reward)
+                self._steps.append((obs, action, reward))
+        except (MQLError, ValueError) as exc:  # e.g. a step the context cannot hold: reported, never fatal
+            self.diag.reject("context", str(exc))
+            return
         self._publish(z)
 
     def _publish(self, z: np.ndarray) -> None:
