@@ -201,3 +201,29 @@ def test_an_update_is_taken_only_if_it_validates_and_matches_its_hash(checkpoint
 def test_a_malformed_update_message_is_an_input_error_naming_it(data):
     with pytest.raises(InputError, match="path and sha256"):
         parse_update(data)
+
+
+@given(target=hnp.arrays(np.float64, 5, elements=st.floats(-1e6, 1e6)),
+       current=hnp.arrays(np.float64, 5, elements=st.floats(-1e6, 1e6)),
+       max_velocity=st.floats(0.001, 100.0))
+def test_velocity_commands_never_exceed_a_joints_urdf_velocity_limit(target, current, max_velocity):
+    """Velocity mode bounded every joint by one max_velocity, so the gripper (URDF: 0.1 m/s) got 0.5 by default
+    (found by an audit); the policy node now bounds each by min(max_velocity, its URDF limit)."""
+    from mql_ros.core.robot import urdf_velocity_limits
+    from mql_ros.core.safety import to_velocity
+
+    robot = RobotSpec.from_urdf()
+    limits = urdf_velocity_limits(None, robot.arm_joints + robot.gripper_joints[:1])
+    np.testing.assert_array_equal(limits, [2.0, 2.0, 2.5, 3.0, 0.1])
+    v = to_velocity(target, current, 50.0, np.minimum(max_velocity, limits), hold=False)
+    assert np.all(np.abs(v) <= np.minimum(max_velocity, limits))
+
+
+@pytest.mark.parametrize("velocity, message", [("fast", "is not a number"), ("0", "must be > 0")])
+def test_a_urdf_velocity_limit_that_is_not_a_positive_number_is_an_input_error(velocity, message):
+    from mql_ros.core.robot import urdf_velocity_limits
+
+    urdf = f'<robot><joint name="j" type="revolute"><limit lower="-1" upper="1" velocity="{velocity}"/></joint></robot>'
+    with pytest.raises(InputError, match=f"URDF joint 'j': velocity limit .*{message}"):
+        urdf_velocity_limits(urdf, ("j",))
+    assert urdf_velocity_limits('<robot><joint name="j"/></robot>', ("j",))[0] == np.inf

@@ -82,7 +82,7 @@ def wait_command(probe, want: np.ndarray, timeout: float, what: str, atol: float
         c = latest_command(probe)
         return c is not None and np.allclose(c, want, atol=atol)
 
-    probe.wait_for(matches, timeout, f"{what} ({want})")
+    probe.wait_for(matches, timeout, lambda: f"{what} ({want}); latest {latest_command(probe)}")
     return latest_command(probe)
 
 
@@ -269,8 +269,9 @@ def test_policy_velocity_mode_commands_bounded_velocities_and_zero_when_holding(
                          max_velocity=0.5)
     robot = FakeRobot(probe, policy.context_dim)
     targets = expected_commands(policy, robot.context)
-    want = np.clip((targets - np.concatenate([ARM_Q, GRIP_Q[:1]])) * 50.0, -0.5, 0.5)
-    wait_command(probe, want, 30.0, "velocities toward the actor's targets")
+    bound = np.minimum(0.5, [2.0, 2.0, 2.5, 3.0, 0.1])  # the URDF's velocity limits: the gripper's is 0.1 m/s
+    want = np.clip((targets - np.concatenate([ARM_Q, GRIP_Q[:1]])) * 50.0, -bound, bound)
+    wait_command(probe, want, 30.0, "velocities toward the actor's targets, none above its URDF limit")
     assert probe.call(SetBool, "mql/hold", SetBool.Request(data=True)).success
     wait_command(probe, np.zeros(5), 5.0, "zero velocities while holding", atol=0.0)
 

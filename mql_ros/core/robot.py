@@ -168,18 +168,7 @@ class RobotSpec:
         Without explicit joint lists, arm joints are the non-fixed joints whose name does not contain
         "finger" and gripper joints those that do, in file order.
         """
-        if urdf is None:
-            urdf = share_file("urdf/mql_arm.urdf")
-        text = str(urdf)
-        where = "robot_description XML" if text.lstrip().startswith("<") else f"URDF file {urdf}"
-        try:
-            if not text.lstrip().startswith("<"):
-                text = Path(urdf).read_text()
-            root = ET.fromstring(text)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {where}: {exc}") from exc
-        except ET.ParseError as exc:
-            raise InputError(f"{where} is not valid URDF XML: {exc}") from exc
+        root = _urdf_root(urdf)
         limits: dict[str, tuple[float, float]] = {}
         movable: list[str] = []
         for joint in root.iter("joint"):
@@ -205,6 +194,39 @@ class RobotSpec:
         return cls(tuple(arm_joints), tuple(gripper_joints),
                    tuple(limits[j][0] for j in arm_joints), tuple(limits[j][1] for j in arm_joints),
                    limits[gripper_joints[0]][0], limits[gripper_joints[0]][1])
+
+
+def _urdf_root(urdf: str | Path | None) -> ET.Element:
+    """The parsed URDF from a file path or XML string (default: the package's arm)."""
+    if urdf is None:
+        urdf = share_file("urdf/mql_arm.urdf")
+    text = str(urdf)
+    where = "robot_description XML" if text.lstrip().startswith("<") else f"URDF file {urdf}"
+    try:
+        if not text.lstrip().startswith("<"):
+            text = Path(urdf).read_text()
+        return ET.fromstring(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {where}: {exc}") from exc
+    except ET.ParseError as exc:
+        raise InputError(f"{where} is not valid URDF XML: {exc}") from exc
+
+
+def urdf_velocity_limits(urdf: str | Path | None, joints: tuple[str, ...]) -> np.ndarray:
+    """Each joint's <limit velocity> (rad/s, m/s); inf where the URDF gives none. RobotSpec holds position
+    limits only (checkpoints store it), so velocity-mode commands read these from the same URDF."""
+    found = {j.get("name"): j.find("limit") for j in _urdf_root(urdf).findall("joint")}  # not ros2_control's <joint>s
+    out = []
+    for name in joints:
+        lim = found.get(name)
+        try:
+            value = float(lim.get("velocity")) if lim is not None and lim.get("velocity") is not None else np.inf
+        except ValueError as exc:
+            raise InputError(f"URDF joint {name!r}: velocity limit {lim.get('velocity')!r} is not a number") from exc
+        if not value > 0:
+            raise InputError(f"URDF joint {name!r}: velocity limit must be > 0, got {value}")
+        out.append(value)
+    return np.array(out, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -161,9 +161,10 @@ class CommandGuard:
         return out
 
 
-def to_velocity(target: np.ndarray, current: np.ndarray, rate: float, max_velocity: float,
+def to_velocity(target: np.ndarray, current: np.ndarray, rate: float, max_velocity: float | np.ndarray,
                 hold: bool) -> np.ndarray:
-    """Velocity that reaches the (safe) target in one control period, bounded by max_velocity; 0 to hold."""
+    """Velocity that reaches the (safe) target in one control period, bounded by max_velocity (one bound, or
+    one per joint); 0 to hold."""
     if hold:
         return np.zeros_like(target)
     return np.clip((target - current) * rate, -max_velocity, max_velocity)

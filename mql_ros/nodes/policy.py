@@ -18,12 +18,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String
 from std_srvs.srv import SetBool
 
 from mql_ros.core.errors import CheckpointError, InputError
+from mql_ros.core.robot import urdf_velocity_limits
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.core.safety import CommandGuard, SafetyLimits, accept_update, parse_update, to_velocity
 from mql_ros.nodes.common import (
@@ -65,8 +67,8 @@ class PolicyNode(LifecycleNode):
                                     "clock); state: act on each arm state (lowest latency behind a 100 Hz+ "
                                     "driver), the timer then only publishes holds",
                                     choices=("timer", "state"))
-        self.max_velocity = declare(self, "max_velocity", 1.0, "rad/s (m/s for the gripper): velocity-mode "
-                                    "command bound", 0.001, 100.0)
+        max_velocity = declare(self, "max_velocity", 1.0, "rad/s (m/s for the gripper): velocity-mode command "
+                               "bound, lowered to each joint's URDF velocity limit", 0.001, 100.0)
         max_arm_step = declare(self, "max_arm_step", 0.5, "rad: rate limit, the most an arm joint's command "
                                "may change from the previous command", 0.0001, 10.0)
         max_gripper_step = declare(self, "max_gripper_step", 0.035, "m: rate limit of the gripper command "
@@ -75,6 +77,10 @@ class PolicyNode(LifecycleNode):
                                          "threads once active (0: normal scheduling); needs CAP_SYS_NICE or "
                                          "an rtprio limit, else a warning and normal scheduling", 0, 99)
         self.robot = declare_robot(self)
+        # per commanded value (arm joints, then the gripper's first joint): never above the URDF's limit
+        self.velocity_bound = np.minimum(max_velocity, urdf_velocity_limits(
+            self.get_parameter("robot_description").value or None,
+            self.robot.arm_joints + self.robot.gripper_joints[:1]))
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()
         self.guard = CommandGuard(self.robot, SafetyLimits(self.state_timeout, self.context_timeout,
@@ -202,8 +208,9 @@ class PolicyNode(LifecycleNode):
             self.diag.ok("running")
         if self.command_mode == "velocity":
             hold = bool(command.hold)
-            arm_cmd = to_velocity(arm_cmd, arm_q, self.control_rate, self.max_velocity, hold)
-            grip_cmd = to_velocity(grip_cmd, grip_q[:1], self.control_rate, self.max_velocity, hold)
+            n = self.robot.n_arm
+            arm_cmd = to_velocity(arm_cmd, arm_q, self.control_rate, self.velocity_bound[:n], hold)
+            grip_cmd = to_velocity(grip_cmd, grip_q[:1], self.control_rate, self.velocity_bound[n:], hold)
         self._arm_pub.publish(Float64MultiArray(data=arm_cmd.tolist()))
         self._grip_pub.publish(Float64MultiArray(data=grip_cmd.tolist()))
         self._ticks += 1
