@@ -10,7 +10,7 @@ import torch
 from mql_ros.core.adaptation import adapt, bellman_score, validate_update
 from mql_ros.core.config import AdaptConfig, MQLConfig
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import InputError
+from mql_ros.core.errors import AdaptationCancelled, InputError
 from mql_ros.core.replay import MultiTaskReplay, episodes_to_batch
 from mql_ros.core.tasks import make_checked_env
 from mql_ros.core.td3 import TD3Context
@@ -63,6 +63,19 @@ def test_adapt_reports_ess_lambda_and_one_loss_per_iteration(archive):
     assert sum(counts) == 2 * ADAPT.snapshot_per_task  # the latest 40 of each task
     assert set(report.task_weights) == {"near", "far"}
     assert report.to_dict()["ess"] == report.ess
+
+
+@pytest.mark.parametrize("after", [0, 2, 5])
+def test_adapt_stops_before_the_next_update_once_asked(archive, after):
+    """A node shutting down asks its running adaptation to stop; a torch thread still running at interpreter
+    exit had aborted the adaptation node (found by an audit)."""
+    agent = _agent()
+    updates = []
+    original = agent.update
+    agent.update = lambda *a, **k: updates.append(1) or original(*a, **k)
+    with pytest.raises(AdaptationCancelled, match=f"after {after} updates"):
+        adapt(agent, _episodes(1.0, 1, 5, "new"), archive, ADAPT, seed=0, stop=lambda: len(updates) >= after)
+    assert len(updates) == after
 
 
 def test_propensity_weights_favour_the_train_task_that_looks_like_the_new_one(archive):

@@ -214,6 +214,29 @@ def test_a_diverging_adaptation_is_refused_by_validation_and_nothing_is_publishe
     assert policy_status(probe)["checkpoint_sha256"] == meta_sha
 
 
+def test_a_signal_during_a_long_adaptation_stops_it_and_the_node_exits_0(ros_graph, tiny_checkpoint):
+    """A torch update still running in the worker thread at interpreter exit aborted the node ("terminate
+    called without an active exception", exit -6; found by an audit): close() now stops it between updates."""
+    probe = ros_graph.probe
+    watch(probe)
+    config = ros_graph.dir / "long.yaml"
+    config.write_text("adapt:\n  new_task_iters: 100000\n  archive_iters: 0\n")  # hours of updates
+    start_control(ros_graph, tiny_checkpoint, episode_steps=15)
+    node = ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), config_file=str(config),
+                           output_dir=str(ros_graph.dir / "adapted"))
+    probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2 for d in diagnostic_values(probe, "adaptation")),
+                   90.0, "two new-task episodes")
+    started = probe.call(Trigger, "mql/adapt", Trigger.Request())
+    assert started.success, started.message
+    probe.wait_for(lambda: any(d.get("state") == "running" for d in diagnostic_values(probe, "adaptation")), 20.0,
+                   "the adaptation running")
+    time.sleep(1.0)  # well inside its updates
+    begun = time.monotonic()
+    node.interrupt(signal.SIGTERM)
+    assert node.proc.wait(15) == 0, f"exit status {node.proc.returncode}\n{node.log()[-3000:]}"
+    assert time.monotonic() - begun < 10.0
+
+
 @pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
                          ids=["SIGTERM", "SIGINT", "SIGINT-twice"])
 def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ros_graph, tiny_checkpoint, sig,

@@ -13,7 +13,7 @@ Snapshot and rollback (steps 1 and 8) are the caller's: agent.snapshot() / agent
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from mql_ros.core.config import AdaptConfig
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import InputError
+from mql_ros.core.errors import AdaptationCancelled, InputError
 from mql_ros.core.propensity import (
     ESS_FALLBACK,
     LogisticModel,
@@ -108,11 +108,13 @@ def _fit_propensity(agent: TD3Context, new: Batch, archive: ReplayStore, train_i
 
 
 def adapt(agent: TD3Context, new_episodes: Sequence[Episode], archive: ReplayStore | None, cfg: AdaptConfig,
-          seed: int = 0) -> AdaptationReport:
+          seed: int = 0, stop: Callable[[], bool] | None = None) -> AdaptationReport:
     """Adapt `agent` in place to the task of `new_episodes` (MQL steps 3-7) and report what happened.
 
     The archive's tasks other than the new episodes' own ids are the training tasks. Without usable
-    archive data (None, empty, or use_archive=False) both phases train on the new data alone.
+    archive data (None, empty, or use_archive=False) both phases train on the new data alone. `stop` is
+    asked before every update; when it says so, AdaptationCancelled (a node shutting down need not wait out
+    hundreds of updates, nor leave torch running in a thread at interpreter exit).
     """
     start = time.perf_counter()
     _check_new_episodes(agent, new_episodes)
@@ -144,11 +146,17 @@ def adapt(agent: TD3Context, new_episodes: Sequence[Episode], archive: ReplaySto
     def new_rows() -> Batch:
         return new.subset(rng.integers(0, len(new), size=bs))
 
+    def check_stop() -> None:
+        if stop is not None and stop():
+            raise AdaptationCancelled(f"adaptation stopped after {len(losses)} updates")
+
     for _ in range(cfg.new_task_iters):  # step 5: new data alone, unweighted, no proximal term
+        check_stop()
         losses.append({"phase": "new", **agent.update(new_rows())})
 
     archive_weights = []
     for _ in range(cfg.archive_iters):  # step 6
+        check_stop()
         if train_ids:
             old = archive.sample(bs * cfg.archive_batch_mult, rng, task_ids=train_ids)
             if model is not None:  # beta from the current context, as the authors' code does

@@ -22,5 +22,9 @@ class IncompleteStep(InputError):
     recording boundary): the step is dropped. Expected at boundaries, unlike malformed data."""
 
 
+class AdaptationCancelled(MQLError):
+    """adapt() was asked to stop between two updates (a node shutting down); the agent is half-adapted."""
+
+
 class ArchiveError(MQLError):
     """A bag or archive directory cannot be read or written as asked."""

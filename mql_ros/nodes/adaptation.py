@@ -27,7 +27,7 @@ from mql_ros.core.adaptation import adapt, validate_update
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save_checkpoint
 from mql_ros.core.config import load_config
 from mql_ros.core.episode import Episode, newest_within
-from mql_ros.core.errors import ArchiveError, ConfigError, InputError, MQLError
+from mql_ros.core.errors import AdaptationCancelled, ArchiveError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import unused_path
 from mql_ros.core.replay import MultiTaskReplay
 from mql_ros.core.transitions import TransitionBuilder
@@ -94,6 +94,7 @@ class AdaptationNode(Node):
         self._collected = 0  # episodes collected since start (names the saved copies)
         self._commands = CommandPair()
         self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()  # set by close(): the worker's adaptation stops at its next update
         self._replay: MultiTaskReplay | None = None
         self._runs = 0
         self._started_ns = time.time_ns()  # DDS source timestamps are on the system clock
@@ -259,7 +260,8 @@ class AdaptationNode(Node):
         try:
             agent = agent_from_checkpoint(self.meta)
             current = agent_from_checkpoint(load_checkpoint(self.current_path, expect_robot=self.robot))
-            report = adapt(agent, train, self._archive_replay(), self.adapt_cfg, seed=self.seed + self._runs)
+            report = adapt(agent, train, self._archive_replay(), self.adapt_cfg, seed=self.seed + self._runs,
+                           stop=self._stopping.is_set)
             result = validate_update(agent, current, held or train, self.margin)
             self._runs += 1
             self.diag.values.update({"last_ess": report.ess, "last_lambda": report.proximal_lambda,
@@ -274,6 +276,8 @@ class AdaptationNode(Node):
                                          "adaptation": report.to_dict(), "validation": result.reason})
             self._publish_update(str(path), sha)
             self.diag.ok(f"published adapted checkpoint {path.name}")
+        except AdaptationCancelled:  # the node is shutting down: nothing to report to
+            return
         except (MQLError, OSError, ValueError) as exc:
             self.diag.error(f"adaptation failed: {exc}")
             self.get_logger().error(f"adaptation failed: {exc}")
@@ -309,7 +313,11 @@ class AdaptationNode(Node):
         return response
 
     def close(self) -> None:
-        """Flush the archive; an adaptation in progress is abandoned (nothing was published from it)."""
+        """Flush the archive; an adaptation in progress is stopped at its next update and abandoned (nothing
+        was published from it): a thread still running torch at interpreter exit aborts the process."""
+        self._stopping.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
