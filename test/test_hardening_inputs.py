@@ -281,7 +281,7 @@ NODES = {"policy": "PolicyNode", "sim_arm": "SimArmNode", "adaptation": "Adaptat
          "context_encoder": "ContextEncoderNode"}
 
 
-def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoint) -> None:
+def node_from_params_file(node: str, params: dict, context, tmp_path, checkpoint):
     """Construct the node in-process from a --params-file, exactly as `ros2 run ... --params-file` does."""
     import importlib
 
@@ -289,8 +289,38 @@ def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoin
     params = {"checkpoint": str(checkpoint), **params} if node != "sim_arm" else params
     path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
     module = importlib.import_module(f"mql_ros.nodes.{node}")
-    getattr(module, NODES[node])(context=context, cli_args=["--ros-args", "--params-file", str(path)]
-                                 ).destroy_node()
+    return getattr(module, NODES[node])(context=context, cli_args=["--ros-args", "--params-file", str(path)])
+
+
+def build_from_params_file(node: str, params: dict, context, tmp_path, checkpoint) -> None:
+    node_from_params_file(node, params, context, tmp_path, checkpoint).destroy_node()
+
+
+def test_parameters_a_node_does_not_apply_at_run_time_are_read_only_and_unknown_ones_are_named(
+        ros_context, tmp_path, tiny_checkpoint):
+    """Found by an audit: `ros2 param set` of state_timeout succeeded and read back while the policy kept its
+    start-up value; sim_arm took sim_rate when it came with a task parameter; a typo in a params file was
+    ignored without a word."""
+    from rclpy.parameter import Parameter
+
+    from mql_ros.nodes.common import unknown_parameters
+
+    policy = node_from_params_file("policy", {"state_timout": 0.05}, ros_context, tmp_path, tiny_checkpoint)
+    try:
+        assert unknown_parameters(policy) == ["state_timout"]
+        (result,) = policy.set_parameters([Parameter("state_timeout", value=0.05)])
+        assert not result.successful and "read-only" in result.reason
+        assert policy.get_parameter("state_timeout").value != 0.05
+    finally:
+        policy.destroy_node()
+    sim = node_from_params_file("sim_arm", {"autostart": False}, ros_context, tmp_path, tiny_checkpoint)
+    try:
+        assert unknown_parameters(sim) == []
+        assert sim.set_parameters_atomically([Parameter("task_index", value=3)]).successful
+        both = sim.set_parameters_atomically([Parameter("task_index", value=4), Parameter("sim_rate", value=500.0)])
+        assert not both.successful and "read-only" in both.reason and sim.get_parameter("sim_rate").value == 25.0
+    finally:
+        sim.destroy_node()
 
 
 @pytest.mark.parametrize("node, params, message", [

@@ -141,3 +141,30 @@ def test_freezing_the_startup_heap_lets_the_collector_free_cyclic_garbage_of_a_l
 
     assert alive("plain") > 0.9 * 298
     assert alive("freeze") < 0.5 * 298
+
+
+def test_a_configure_cut_short_by_a_shutdown_is_not_reported_as_a_bad_configuration(monkeypatch):
+    """A signal during start-up fails the configure transition; that was exit 2, "failed to configure" (found
+    by an audit). With the context shut down, autostarted hands the node back and main_for exits 0."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from mql_ros.core.errors import ConfigError
+    from mql_ros.nodes import common
+
+    class Failing:
+        autostart = True
+        diag = type("Diag", (), {"message": "starting"})()
+        activated = False
+
+        def trigger_configure(self):
+            return TransitionCallbackReturn.FAILURE
+
+        def trigger_activate(self):
+            self.activated = True
+
+    monkeypatch.setattr(common.rclpy, "ok", lambda: False)
+    node = common.autostarted(Failing, "policy")()
+    assert isinstance(node, Failing) and not node.activated
+    monkeypatch.setattr(common.rclpy, "ok", lambda: True)
+    with pytest.raises(ConfigError, match="policy failed to configure: starting"):
+        common.autostarted(Failing, "policy")()

@@ -59,12 +59,13 @@ DEFAULT_CHECKPOINT = "checkpoints/arm_reach.pt"
 
 
 def declare(node: Node, name: str, default, description: str, lo: float | None = None,
-            hi: float | None = None, choices: Sequence[str] | None = None):
+            hi: float | None = None, choices: Sequence[str] | None = None, read_only: bool = True):
     """Declare a parameter with a description and range; a refused value is a ConfigError naming the range.
 
     `default` may be a Parameter.Type for parameters without a default (e.g. an optional string list).
+    Read-only unless the node applies changes at run time: a `ros2 param set` the node would ignore is refused.
     """
-    desc = ParameterDescriptor(description=description)
+    desc = ParameterDescriptor(description=description, read_only=read_only)
     if lo is not None or hi is not None:
         if isinstance(default, bool) or not isinstance(default, (int, float)):
             raise TypeError(f"parameter {name}: a range needs a numeric default")
@@ -92,6 +93,14 @@ def declare(node: Node, name: str, default, description: str, lo: float | None =
     if choices is not None and value not in choices:
         raise ConfigError(f"{node.get_name()}: parameter {name}={value!r} is not one of {list(choices)}")
     return value
+
+
+def unknown_parameters(node: Node) -> list[str]:
+    """Parameters given to the node (command line, params file) that it does not declare: most likely a typo,
+    which rclpy ignores without a word. Reported as a warning, not refused: a params file's `/**` section may
+    hold other nodes' parameters."""
+    return sorted(n for n in set(node._parameter_overrides) - set(node._parameters)
+                  if not n.startswith("qos_overrides."))
 
 
 def declare_robot(node: Node) -> RobotSpec:
@@ -222,6 +231,8 @@ def autostarted(node_class: Callable[[], Node], name: str) -> Callable[[], Node]
         node = node_class()
         if node.autostart:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                if not rclpy.ok():  # a signal arrived while configuring: a shutdown, not a bad configuration
+                    return node
                 raise ConfigError(f"{name} failed to configure: {node.diag.message}")
             node.trigger_activate()
         return node
@@ -259,6 +270,10 @@ def main_for(make_node: Callable[[], Node], args: list[str] | None = None,
     node = None
     try:
         node = make_node()
+        unknown = unknown_parameters(node)
+        if unknown:
+            node.get_logger().warning(f"ignoring parameters {unknown}: {node.get_name()} has no such parameters "
+                                      f"(it has {sorted(node._parameters)})")
         executor = make_executor()
         executor.add_node(node)
         freeze_startup_heap()

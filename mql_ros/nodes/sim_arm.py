@@ -50,11 +50,14 @@ class SimArmNode(LifecycleNode):
                                 1.0, 1000.0)
         self.episode_steps = declare(self, "episode_steps", 50, "sim ticks per episode", 1, 100000)
         self.seed = declare(self, "seed", 0, "seed of the initial-pose noise", 0, 2**31 - 1)
-        declare(self, "family", "arm_reach", "task family: built-in name or package.module:attribute")
-        declare(self, "task_split", "test", "split the task is taken from", choices=("train", "test", "ood"))
-        declare(self, "task_index", 0, "index of the task in its split", 0, 100000)
+        # the task parameters (TASK_PARAMETERS) change at run time, in effect at the next episode
+        declare(self, "family", "arm_reach", "task family: built-in name or package.module:attribute",
+                read_only=False)
+        declare(self, "task_split", "test", "split the task is taken from", choices=("train", "test", "ood"),
+                read_only=False)
+        declare(self, "task_index", 0, "index of the task in its split", 0, 100000, read_only=False)
         declare(self, "task_json", "", "JSON task dict overriding family/split/index (task_id 'custom'); "
-                "empty: use the split")
+                "empty: use the split", read_only=False)
         self._lock = threading.Lock()
         self.env = None
         self._task_id, self._task = self._task_from_params({})
@@ -89,10 +92,7 @@ class SimArmNode(LifecycleNode):
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Task parameters change at run time: validated now, in effect at the next episode."""
         changes = {p.name: p.value for p in params if p.name in TASK_PARAMETERS}
-        if not changes:
-            fixed = [p.name for p in params if p.name in ("sim_rate", "episode_steps", "seed", "autostart")]
-            if fixed:
-                return SetParametersResult(successful=False, reason=f"{fixed} are fixed after start-up")
+        if not changes:  # the others are read-only: rclpy refuses them before this is called
             return SetParametersResult(successful=True)
         try:
             new_id, new_task = self._task_from_params(changes)
