@@ -153,6 +153,23 @@ def test_a_hold_request_holds_even_with_fresh_inputs():
     assert "mql/hold" in guard.command(0.0, policy).hold
 
 
+def test_a_state_stamped_longer_ago_than_state_timeout_is_refused_however_late_it_arrives():
+    """The policy measured freshness by arrival only: states stamped 5 s in the past, arriving at 25 Hz, were
+    acted on (found by an audit). Its header-stamp age now counts; an unstamped state (age None) cannot."""
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 0.0)
+    guard.set_context(np.zeros(3), 3, 0.0)
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.0, measured_age=0.01)
+    assert guard.command(0.0, policy).hold == ""
+    with pytest.raises(InputError, match="measured 5.000 s ago by its header stamp"):
+        guard.set_joint_state("arm", ROBOT.arm_joints, [0.5, 0.5, 0.5, 0.5], [0.0] * 4, 0.01, measured_age=5.0)
+    held = guard.command(0.01, policy)
+    assert held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])  # the last state measured in time
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.02, measured_age=None)
+    assert guard.command(0.02, policy).hold == ""
+
+
 # ----------------------------------------------------------------------------- policy updates
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:

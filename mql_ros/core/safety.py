@@ -92,11 +92,17 @@ class CommandGuard:
         """Forget the last command (the next one is rate limited from the measured positions)."""
         self._last = None
 
-    def set_joint_state(self, which: str, names, positions, velocities, now: float) -> None:
-        """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed."""
+    def set_joint_state(self, which: str, names, positions, velocities, now: float,
+                        measured_age: float | None = None) -> None:
+        """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed, or if
+        its header stamp says it was measured more than state_timeout ago (`measured_age`, s; None: unstamped).
+        Arrival time alone would let a late or replayed state count as fresh."""
         reading, joints = ((self.arm, self.robot.arm_joints) if which == "arm"
                            else (self.gripper, self.robot.gripper_joints))
         try:
+            if measured_age is not None and not measured_age <= self.limits.state_timeout:
+                raise InputError(f"{which} state was measured {measured_age:.3f} s ago by its header stamp "
+                                 f"(state_timeout {self.limits.state_timeout} s)")
             value = read_joint_state(self.robot, names, positions, velocities, joints, f"{which} state")
         except InputError as exc:
             reading.refuse(str(exc))

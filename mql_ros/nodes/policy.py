@@ -45,6 +45,7 @@ from mql_ros.nodes.common import (
     declare_robot,
     main_for,
     set_realtime_priority,
+    stamp_ns,
 )
 
 
@@ -129,9 +130,11 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------ inputs
     def _on_joint_state(self, which: str, msg: JointState) -> None:
+        stamp = stamp_ns(msg)  # 0: the driver does not stamp its states; then arrival time is all there is
+        age = (self.get_clock().now().nanoseconds - stamp) * 1e-9 if stamp else None
         try:
             with self._lock:
-                self.guard.set_joint_state(which, msg.name, msg.position, msg.velocity, time.monotonic())
+                self.guard.set_joint_state(which, msg.name, msg.position, msg.velocity, time.monotonic(), age)
         except InputError as exc:
             self.diag.reject("joint_state" if which == "arm" else "gripper_state", str(exc))
 
