@@ -419,10 +419,10 @@ def _mcap_messages(path: Path):
                         records.append((schema, channel, message))
             except (McapError, EOFError, ValueError, struct_error) as exc:
                 damage = f"{file.name}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
-        decoders: dict[int, object] = {}
+        factory, decoders = DecoderFactory(), {}
         for schema, channel, message in sorted(records, key=lambda r: r[2].log_time):
             if channel.id not in decoders:
-                decoders[channel.id] = DecoderFactory().decoder_for(channel.message_encoding, schema)
+                decoders[channel.id] = factory.decoder_for(channel.message_encoding, schema)
             if decoders[channel.id] is None:
                 raise ArchiveError(f"bag {path}: {file.name} channel {channel.topic} is in "
                                    f"{channel.message_encoding!r}, not CDR")
