@@ -7,7 +7,9 @@ carry it. Three measurements on the first --tasks train and held-out (test) targ
              train tasks' rollouts, its error on held-out rollouts by step of the episode
   policy     how far the meta policy's tool actually is from the target at those steps
   observed   (with --observed-steps N) the same meta-training run, but the target appended to the
-             observation and no context: the precision the TD3 learner reaches when nothing is inferred
+             observation and no context: the precision the TD3 learner reaches when nothing is inferred;
+             or (--observed-checkpoint C) a checkpoint trained that way by `mql-ros train` with the
+             shipped recipe's commands (the README's "What a policy that is told the target reaches")
 
   oracle     the IK oracle (ArmReachFamily.oracle_rewards): its tool distance by step on the resets it is
              scored on
@@ -16,7 +18,8 @@ Each return is also split at step ARRIVAL (the oracle is there by then): what is
 and what is lost holding short of it. If z tells the target to ~2 cm while the policy sits 5-10 cm away, the
 loss is in the actor's use of z, not in the information z carries.
 
-    python benchmarks/target_inference.py [--checkpoint C] [--tasks 10] [--observed-steps 100000]
+    python benchmarks/target_inference.py [--checkpoint C] [--tasks 10] [--observed-steps 100000 |
+                                          --observed-checkpoint OBSERVED.pt]
     # ~2 min without --observed-steps; 100000 observed steps add ~20 min of meta-training
 """
 
@@ -33,7 +36,7 @@ import torch
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
 from mql_ros.core.paths import share_file
 from mql_ros.core.replay import episodes_to_batch
-from mql_ros.core.tasks import make_checked_env, split_tasks
+from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks
 from mql_ros.core.training import meta_train, rollout
 from mql_ros.sim.families import ArmReachFamily
 
@@ -126,9 +129,14 @@ def main() -> None:
     parser.add_argument("--decoder-iters", type=int, default=4000)
     parser.add_argument("--observed-steps", type=int, default=0,
                         help="also meta-train with the target observed for this many steps (0: skip)")
+    parser.add_argument("--observed-checkpoint", default=None,
+                        help="evaluate this target-observed checkpoint (mql-ros train --family "
+                        "benchmarks.target_inference:ObservedTargetReach) instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.observed_steps and args.observed_checkpoint:
+        parser.error("--observed-steps trains a target-observed run, --observed-checkpoint loads one: give one")
     torch.set_num_threads(1)
 
     path = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
@@ -137,6 +145,13 @@ def main() -> None:
     family = ArmReachFamily()
     if ckpt.family != family.name:
         parser.error(f"{path} was meta-trained on {ckpt.family!r}; this benchmark is about arm_reach")
+    observed, observed_agent = ObservedTargetReach(), None
+    if args.observed_checkpoint:
+        observed_ckpt = load_checkpoint(args.observed_checkpoint)
+        if resolve_family(observed_ckpt.family).name != observed.name:
+            parser.error(f"--observed-checkpoint {args.observed_checkpoint} was meta-trained on "
+                         f"{observed_ckpt.family!r}, not on {observed.name!r} (the target in the observation)")
+        observed_agent = agent_from_checkpoint(observed_ckpt)
     # The decoder learns from every train target (the region z must cover), and is scored on held-out ones.
     fit_runs = _rollouts(agent, family, split_tasks(family, "train"), args.episodes, args.seed)
     decoder = _fit_decoder(*_contexts(agent, fit_runs)[:2], args.decoder_iters, args.seed)
@@ -156,16 +171,17 @@ def main() -> None:
         }
 
     if args.observed_steps:
-        observed = ObservedTargetReach()
         cfg = replace(ckpt.config, use_context=False)
         observed_agent, _ = meta_train(observed, cfg, args.observed_steps, seed=args.seed, progress=False)
+    if observed_agent is not None:
         for split in ("train", "test"):
             runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
                              args.seed)
             result[split]["observed"] = _measured(np.stack([e.rewards for _, e in runs]))
 
     print(f"checkpoint {path}; first {args.tasks} targets per split, {args.episodes} episodes each"
-          + (f"; target-observed run {args.observed_steps} steps" if args.observed_steps else ""))
+          + (f"; target-observed run {args.observed_steps} steps" if args.observed_steps else "")
+          + (f"; target-observed checkpoint {args.observed_checkpoint}" if args.observed_checkpoint else ""))
     print("| split | measure | " + " | ".join(f"step {s}" for s in STEPS)
           + f" | return | steps 0-{ARRIVAL - 1} | steps {ARRIVAL}-end |")
     print("|---|---|" + "---|" * (len(STEPS) + 3))

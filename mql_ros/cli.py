@@ -131,7 +131,8 @@ def cmd_train(args) -> int:
     init, extra = None, {}
     if args.init:
         init, ckpt = _load_agent(args.init)
-        if ckpt.family != family.name:
+        # the checkpoint names its family as --family did: a built-in name or "package.module:attribute"
+        if ckpt.family not in (args.family, family.name) and resolve_family(ckpt.family).name != family.name:
             raise InputError(f"--init {args.init} was trained on {ckpt.family!r}, not on {family.name!r}")
         cfg = continued_config(ckpt.config, args.config)
         extra["init"] = {"checkpoint": args.init, "sha256": ckpt.sha256, "command": ckpt.extra.get("command"),
@@ -421,7 +422,10 @@ def _archive_replay(directory: str, agent, robot):
 
 
 def _family_encoding(family):
-    """How the family's episodes sit on the contract topics: the arm's RobotSpec, else its spaces' BoxSpec."""
+    """How the family's episodes sit on the contract topics: the arm's RobotSpec, else its spaces' BoxSpec.
+
+    A family that wraps the arm into other observations or actions is a BoxSpec of the wrapped spaces: the
+    arm's RobotSpec would not fit the agent (the checkpoint refused it after the whole training run)."""
     from mql_ros.core.robot import BoxSpec
     from mql_ros.core.tasks import make_checked_env, split_tasks
 
@@ -430,10 +434,11 @@ def _family_encoding(family):
         from mql_ros.core.errors import InputError
 
         raise InputError(f"family {family.name!r} has no train tasks")
-    env = make_checked_env(family, tasks[0], f"{family.name}/train/0").unwrapped
-    robot = getattr(env, "robot", None)
-    return robot if robot is not None else BoxSpec.from_spaces(env.observation_space, env.action_space,
-                                                                f"family {family.name!r}")
+    env = make_checked_env(family, tasks[0], f"{family.name}/train/0")
+    spec = BoxSpec.from_spaces(env.observation_space, env.action_space, f"family {family.name!r}")
+    robot = getattr(env.unwrapped, "robot", None)
+    fits = robot is not None and (robot.obs_dim, robot.act_dim) == (spec.obs_dim, spec.act_dim)
+    return robot if fits else spec
 
 
 def _load_or_roll_archive(directory: str | None, agent, family, seed: int):

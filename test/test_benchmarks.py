@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,35 @@ def test_preactivation_benchmark_trains_with_and_without_the_penalty():
     assert [r["actor_preactivation_l2"] for r in res["runs"]] == [0.0, 0.01]
     assert all(math.isfinite(r["return"]) and 0.0 <= r["saturated_fraction"] <= 1.0 for r in res["runs"])
     assert res["oracle_return"] < 0
+
+
+def test_observed_target_config_is_the_shipped_recipe_with_the_target_observed():
+    train = yaml.safe_load((ROOT / "config" / "arm_reach_train.yaml").read_text())
+    observed = yaml.safe_load((ROOT / "config" / "arm_reach_observed.yaml").read_text())
+    assert observed == {**train, "use_context": False}
+
+
+def test_target_inference_benchmark_evaluates_a_target_observed_checkpoint_trained_by_mql_ros_train(tmp_path):
+    observed = tmp_path / "observed.pt"
+    train = _run("-m", "mql_ros.cli", "train", "--family", "benchmarks.target_inference:ObservedTargetReach",
+                 "--steps", "300", "--config", "config/arm_reach_observed.yaml", "--out", str(observed),
+                 "--no-progress")
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = _run("benchmarks/target_inference.py", "--tasks", "1", "--episodes", "1", "--decoder-iters", "50",
+               "--observed-checkpoint", str(observed), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"target-observed checkpoint {observed}" in out.stdout
+    res = _last_json(out.stdout)
+    for split in ("train", "test"):
+        m = res[split]["observed"]
+        assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values())
+        assert m["return"] < 0
+    # the shipped (context) checkpoint is not a target-observed one: refused before any rollout
+    shipped = str(ROOT / "checkpoints" / "arm_reach.pt")
+    out = _run("benchmarks/target_inference.py", "--observed-checkpoint", shipped)
+    assert out.returncode == 2 and "not on 'arm_reach_observed_target'" in out.stderr, out.stderr[-2000:]
+    out = _run("benchmarks/target_inference.py", "--observed-checkpoint", str(observed), "--observed-steps", "10")
+    assert out.returncode == 2 and "give one" in out.stderr, out.stderr[-2000:]
 
 
 def test_target_inference_benchmark_reports_context_policy_and_observed_target_side_by_side():

@@ -142,6 +142,56 @@ def test_corrupt_checkpoint_is_exit_2(tmp_path):
     assert "bad.pt" in r.stderr
 
 
+WRAPPED_ARM = """
+import gymnasium
+import numpy as np
+from mql_ros.sim.families import ArmReachFamily
+
+
+class _OneMoreValue(gymnasium.ObservationWrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        low, high = env.observation_space.low, env.observation_space.high
+        self.observation_space = gymnasium.spaces.Box(np.append(low, -1.0).astype(np.float32),
+                                                      np.append(high, 1.0).astype(np.float32))
+
+    def observation(self, obs):
+        return np.append(obs, 0.5).astype(np.float32)
+
+
+class WrappedArm(ArmReachFamily):
+    name = "arm_reach_wrapped"
+
+    def make_env(self, task):
+        return _OneMoreValue(super().make_env(task))
+
+
+FAMILY = WrappedArm()
+"""
+
+
+def test_train_saves_a_family_that_wraps_the_arm_into_other_observations(tmp_path):
+    """The arm's RobotSpec (12 observation values) was recorded for the 13-value agent, and the checkpoint
+    was refused after the whole training run."""
+    (tmp_path / "wrapped.py").write_text(WRAPPED_ARM)
+    (tmp_path / "tiny.yaml").write_text("start_steps: 100\nhistory_len: 50\nhidden_sizes: [16, 16]\nbatch_size: 16\n")
+    r = run_cli("train", "--family", "wrapped:FAMILY", "--steps", "150", "--config", "tiny.yaml", "--out", "arm.pt",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", "--checkpoint", "arm.pt", "--family", "wrapped:FAMILY", "--tasks", "1", "--episodes", "1",
+                "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["zero_shot"]["mean"] < 0
+    # --init goes on training it: the checkpoint names its family "wrapped:FAMILY", not "arm_reach_wrapped"
+    (tmp_path / "final.yaml").write_text("lr: 0.0001\n")
+    r = run_cli("train", "--family", "wrapped:FAMILY", "--init", "arm.pt", "--steps", "20", "--config", "final.yaml",
+                "--out", "arm2.pt", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--family", "arm_reach", "--init", "arm.pt", "--steps", "20", "--out", "arm3.pt",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "was trained on 'wrapped:FAMILY', not on 'arm_reach'" in r.stderr, r.stderr
+
+
 def test_train_with_archive_then_adapt_and_verify_from_the_archive(tmp_path):
     (tmp_path / "tiny.yaml").write_text("start_steps: 100\nhistory_len: 50\nhidden_sizes: [16, 16]\nbatch_size: 16\n")
     r = run_cli("train", "--family", "arm_reach", "--steps", "150", "--config", "tiny.yaml", "--out", "arm.pt",
