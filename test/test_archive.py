@@ -18,7 +18,7 @@ import yaml
 from mql_ros.archive import ArchiveRecorder, EpisodeArchiveWriter, load_episodes, read_bag, verify_archive
 from mql_ros.archive.bags import TOPICS, bag_dirs
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import ArchiveError
+from mql_ros.core.errors import AdaptationCancelled, ArchiveError
 from mql_ros.core.robot import RobotSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,21 @@ def test_episodes_round_trip_bit_exact_through_bags(tmp_path, robot):
     episodes = random_episodes(robot)
     assert len(write_archive(tmp_path, robot, episodes, episodes_per_bag=2, family="arm_reach")) == 2
     assert_same_episodes(load_episodes(tmp_path, robot), episodes)
+
+
+def test_loading_an_archive_stops_between_bags_when_asked_and_a_later_load_reads_everything(tmp_path, robot):
+    """The adaptation node loads its replay_dir in a worker; a shutdown could not stop a large archive's load."""
+    episodes = random_episodes(robot, n=6, steps=4)
+    bags = write_archive(tmp_path, robot, episodes, episodes_per_bag=2)
+    asked = []
+
+    def stop_after_first_bag() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(AdaptationCancelled, match=f"before {bags[1]} \\(2 episodes read\\)"):
+        load_episodes(tmp_path, robot, stop=stop_after_first_bag)
+    assert_same_episodes(load_episodes(tmp_path, robot, stop=lambda: False), episodes)
 
 
 def test_written_bags_have_rosbag2_metadata_with_true_counts(tmp_path, robot):

@@ -27,7 +27,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from mql_ros.archive import columnar
 from mql_ros.core.episode import Episode
-from mql_ros.core.errors import ArchiveError, IncompleteStep, InputError
+from mql_ros.core.errors import AdaptationCancelled, ArchiveError, IncompleteStep, InputError
 from mql_ros.core.paths import unused_path
 from mql_ros.core.robot import BagEncoding, RobotSpec
 from mql_ros.core.transitions import TransitionBuilder
@@ -457,11 +457,13 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
 
 
 def load_episodes(paths, robot: BagEncoding, task_id: str | None = None, episode_gap_s: float = 1.0,
-                  cache: bool = True, warn: Callable[[str], None] | None = None) -> list[Episode]:
+                  cache: bool = True, warn: Callable[[str], None] | None = None,
+                  stop: Callable[[], bool] | None = None) -> list[Episode]:
     """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag are not
     silent: an unreadable bag raises ArchiveError naming it; a bag read with problems (messages the step rule
     rejected, a file cut short) is named to `warn` (default: warnings.warn) with what was kept from it, and
-    `mql-ros archive verify` lists every problem."""
+    `mql-ros archive verify` lists every problem. `stop` is asked before each bag (a node shutting down while
+    it loads a large archive): True raises AdaptationCancelled."""
     if robot is None:
         raise ArchiveError("reading bags needs their encoding: a RobotSpec (arm joint names) or a BoxSpec "
                            "(a generic family's dims), e.g. mql_ros.core.checkpoint.bag_encoding(checkpoint)")
@@ -470,6 +472,8 @@ def load_episodes(paths, robot: BagEncoding, task_id: str | None = None, episode
     out: list[Episode] = []
     for p in paths:
         for bag in bag_dirs(p):
+            if stop is not None and stop():
+                raise AdaptationCancelled(f"loading the archive stopped before {bag} ({len(out)} episodes read)")
             episodes, report = read_bag(bag, robot, task_id, episode_gap_s, cache)
             if report.problems:
                 warn(f"bag {report.path}: {len(report.problems)} problem(s), the first: {report.problems[0]}; "

@@ -23,7 +23,8 @@ class IncompleteStep(InputError):
 
 
 class AdaptationCancelled(MQLError):
-    """adapt() was asked to stop between two updates (a node shutting down); the agent is half-adapted."""
+    """adapt() was asked to stop between two updates, or the loading of its archive between two bags (a node
+    shutting down); the agent is half-adapted."""
 
 
 class ArchiveError(MQLError):

@@ -292,7 +292,8 @@ class AdaptationNode(Node):
             from mql_ros.archive import load_episodes
 
             replay = MultiTaskReplay(self.meta.config.history_len)
-            for episode in load_episodes(self.replay_dir, self.robot, warn=self.get_logger().warning):
+            for episode in load_episodes(self.replay_dir, self.robot, warn=self.get_logger().warning,
+                                         stop=self._stopping.is_set):
                 replay.add_episode(episode)
             self._replay = replay
         return self._replay
