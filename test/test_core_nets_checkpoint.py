@@ -20,6 +20,7 @@ from mql_ros.core.replay import episodes_to_batch
 from mql_ros.core.robot import RobotSpec
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.core.td3 import TD3Context
+from mql_ros.core.training import meta_train
 
 torch.set_num_threads(1)
 ROBOT = RobotSpec(("j1", "j2"), ("finger",), (-1.0, -2.0), (1.0, 2.0), 0.0, 0.04)  # obs 6, act 3
@@ -196,6 +197,25 @@ def test_shipped_checkpoint_holds_the_config_of_its_documented_training_commands
     # continued from the 100k-step checkpoint that the first command made (the one shipped before, README)
     assert shipped.extra["init"]["sha256"].startswith("c011d43b7659") and shipped.extra["init"]["steps"] == 100000
     assert "--config config/arm_reach_final.yaml" in shipped.extra["command"]
+
+
+def test_the_documented_first_training_command_repeats_the_shipped_learning_curve_through_step_6000():
+    """The README's first command (seed 0, config/arm_reach_train.yaml) is where the shipped checkpoint starts,
+    and its stored learning curve begins with that run's. The random-action phase (the first 5000 steps) runs
+    through no learned network, so its returns must repeat exactly on any machine; the first 1000 steps of
+    updates depend on the CPU's floating-point paths (bit for bit on the machine that made the checkpoint,
+    0.0011 of return off at step 6000 on an AVX-512 Xeon, README "Bit-for-bit only on the same kind of
+    machine"), so they must repeat within 0.05. A change to the training code, its seeding or the
+    configuration's defaults moves them by far more."""
+    root = Path(__file__).resolve().parents[1]
+    stored = {e["step"]: e for e in load_checkpoint(root / "checkpoints" / "arm_reach.pt").extra["curve"]}
+    cfg = load_config(root / "config" / "arm_reach_train.yaml")
+    _, curve = meta_train("arm_reach", cfg, 6000, seed=0, progress=False)
+    assert [e["step"] for e in curve] == [1000, 2000, 3000, 4000, 5000, 6000]
+    for entry in curve[:5]:
+        assert entry["mean_return"] == stored[entry["step"]]["mean_return"], entry["step"]
+    assert curve[5]["updates"] == stored[6000]["updates"]
+    assert curve[5]["mean_return"] == pytest.approx(stored[6000]["mean_return"], abs=0.05)
 
 
 def test_weights_of_the_wrong_shape_name_the_tensor_and_both_shapes_on_one_line(tmp_path, good):
