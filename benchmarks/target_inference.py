@@ -1,7 +1,8 @@
 """Where does an arm_reach meta policy lose its precision: in the context, or in the actor's use of it?
 
 The target of an arm_reach task is never observed; the context z (a GRU over the episode so far) has to
-carry it. Three measurements on the first --tasks train and held-out (test) targets, side by side:
+carry it. These measurements on the first --tasks train, held-out (test) and out-of-distribution (ood) targets,
+side by side:
 
   context    how well z *can* tell the target: a 2-layer MLP fit to map z -> target (x, y) on the
              train tasks' rollouts, its error on held-out rollouts by step of the episode
@@ -10,6 +11,9 @@ carry it. Three measurements on the first --tasks train and held-out (test) targ
              observation and no context: the precision the TD3 learner reaches when nothing is inferred;
              or (--observed-checkpoint C) a checkpoint trained that way by `mql-ros train` with the
              shipped recipe's commands (the README's "What a policy that is told the target reaches")
+  identified (with either) identify, then act: that policy shown the target decoded from z at the end of
+             the meta policy's first episode on the task, i.e. what one episode of new-task data is worth
+             to a policy that can use a target estimate
 
   oracle     the IK oracle (ArmReachFamily.oracle_rewards): its tool distance by step on the resets it is
              scored on
@@ -41,18 +45,20 @@ from mql_ros.core.training import meta_train, rollout
 from mql_ros.sim.families import ArmReachFamily
 
 STEPS = (0, 2, 5, 10, 20, 40, 49)
+SPLITS = ("train", "test", "ood")  # the decoder is fit on train rollouts; ood targets are beyond the trained range
 ARRIVAL = 10  # step by which the oracle's tool is at the target (0.1 cm on the first 5 held-out targets)
 
 
 class _TargetInObservation(gymnasium.ObservationWrapper):
-    """The arm's observation with the task's target [x, y, z] appended."""
+    """The arm's observation with a target [x, y, z] appended: the task's own, or `shown` (an estimate of it)."""
 
-    def __init__(self, env: gymnasium.Env) -> None:
+    def __init__(self, env: gymnasium.Env, shown: np.ndarray | None = None) -> None:
         super().__init__(env)
         space = env.observation_space
         self.observation_space = gymnasium.spaces.Box(np.append(space.low, [-np.inf] * 3).astype(np.float32),
                                                       np.append(space.high, [np.inf] * 3).astype(np.float32))
-        self._target = np.asarray(env.unwrapped.task["target"], dtype=np.float32)
+        target = env.unwrapped.task["target"] if shown is None else shown
+        self._target = np.asarray(target, dtype=np.float32)
 
     def observation(self, obs: np.ndarray) -> np.ndarray:
         return np.concatenate([obs, self._target]).astype(np.float32)
@@ -71,6 +77,23 @@ def _rollouts(agent, family, tasks: list[dict], episodes: int, seed: int) -> lis
     rng = np.random.default_rng(seed)
     return [(task, e) for i, task in enumerate(tasks)
             for e in rollout(make_checked_env(family, task, f"t{i}"), agent, episodes=episodes, rng=rng)]
+
+
+def _identified_rollouts(observed_agent, decoder, agent, runs, episodes: int, seed: int) -> list:
+    """Identify, then act: the target decoded from z at the last step of each task's first episode of the meta
+    policy (one episode of new-task data, as adaptation gets), shown to the target-observed policy, which then
+    acts on the true task. The decoded target errs by the context's error at step 49."""
+    rng, out, first = np.random.default_rng(seed), [], {}
+    for task, episode in runs:
+        first.setdefault(json.dumps(task, sort_keys=True), (task, episode))
+    for i, (task, episode) in enumerate(first.values()):
+        z, _, _ = _contexts(agent, [(task, episode)])
+        with torch.no_grad():
+            xy = decoder(z[-1:])[0].numpy()
+        shown = np.array([xy[0], xy[1], task["target"][2]])
+        env = _TargetInObservation(ArmReachFamily().make_env(task), shown=shown)
+        out += [(task, e) for e in rollout(env, observed_agent, episodes=episodes, rng=rng, task_id=f"t{i}")]
+    return out
 
 
 def _contexts(agent, runs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -157,10 +180,12 @@ def main() -> None:
     decoder = _fit_decoder(*_contexts(agent, fit_runs)[:2], args.decoder_iters, args.seed)
 
     result: dict = {"checkpoint": path, "steps": list(STEPS)}
-    for split in ("train", "test"):
+    runs_by_split = {}
+    for split in SPLITS:
         tasks = split_tasks(family, split)[: args.tasks]
         runs = [r for r in fit_runs if r[0] in tasks] if split == "train" else \
             _rollouts(agent, family, tasks, args.episodes, args.seed)
+        runs_by_split[split] = runs
         z, target, step = _contexts(agent, runs)
         with torch.no_grad():
             error = (decoder(z) - target).norm(dim=1).numpy()
@@ -174,10 +199,13 @@ def main() -> None:
         cfg = replace(ckpt.config, use_context=False)
         observed_agent, _ = meta_train(observed, cfg, args.observed_steps, seed=args.seed, progress=False)
     if observed_agent is not None:
-        for split in ("train", "test"):
+        for split in SPLITS:
             runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
                              args.seed)
             result[split]["observed"] = _measured(np.stack([e.rewards for _, e in runs]))
+            identified = _identified_rollouts(observed_agent, decoder, agent, runs_by_split[split], args.episodes,
+                                              args.seed)
+            result[split]["identified"] = _measured(np.stack([e.rewards for _, e in identified]))
 
     print(f"checkpoint {path}; first {args.tasks} targets per split, {args.episodes} episodes each"
           + (f"; target-observed run {args.observed_steps} steps" if args.observed_steps else "")
@@ -185,11 +213,12 @@ def main() -> None:
     print("| split | measure | " + " | ".join(f"step {s}" for s in STEPS)
           + f" | return | steps 0-{ARRIVAL - 1} | steps {ARRIVAL}-end |")
     print("|---|---|" + "---|" * (len(STEPS) + 3))
-    for split in ("train", "test"):
+    for split in SPLITS:
         row = result[split]
         print(f"| {split} | target error decoded from z (cm) | {_cells(row['context_error_cm'])} | | | |")
         for key, label in (("policy", "meta policy's tool distance (cm)"),
                            ("observed", "tool distance, target observed (cm)"),
+                           ("identified", "target-observed policy shown the target decoded from one episode (cm)"),
                            ("oracle", "IK oracle's tool distance (cm)")):
             if key in row:
                 m = row[key]

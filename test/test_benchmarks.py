@@ -152,9 +152,11 @@ def test_target_inference_benchmark_evaluates_a_target_observed_checkpoint_train
     assert f"target-observed checkpoint {observed}" in out.stdout
     res = _last_json(out.stdout)
     for split in ("train", "test"):
-        m = res[split]["observed"]
-        assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values())
-        assert m["return"] < 0
+        for key in ("observed", "identified"):
+            m = res[split][key]
+            assert set(m["distance_cm"]) == {str(s) for s in res["steps"]}, key
+            assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values()), key
+            assert m["return"] < 0, key
     # the shipped (context) checkpoint is not a target-observed one: refused before any rollout
     shipped = str(ROOT / "checkpoints" / "arm_reach.pt")
     out = _run("benchmarks/target_inference.py", "--observed-checkpoint", shipped)
@@ -169,11 +171,11 @@ def test_target_inference_benchmark_reports_context_policy_and_observed_target_s
     assert out.returncode == 0, out.stderr[-2000:]
     res = _last_json(out.stdout)
     steps = {str(s) for s in res["steps"]}
-    for split in ("train", "test"):
+    for split in ("train", "test", "ood"):
         row = res[split]
         assert set(row["context_error_cm"]) == steps
         assert all(math.isfinite(v) and v >= 0 for v in row["context_error_cm"].values())
-        for key in ("policy", "observed", "oracle"):
+        for key in ("policy", "observed", "identified", "oracle"):
             m = row[key]
             assert set(m["distance_cm"]) == steps, key
             assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values()), key
