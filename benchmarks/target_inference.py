@@ -79,10 +79,10 @@ def _rollouts(agent, family, tasks: list[dict], episodes: int, seed: int) -> lis
             for e in rollout(make_checked_env(family, task, f"t{i}"), agent, episodes=episodes, rng=rng)]
 
 
-def _identified_rollouts(observed_agent, decoder, agent, runs, episodes: int, seed: int) -> list:
+def _identified_rollouts(observed_agent, decoder, agent, family, runs, episodes: int, seed: int) -> list:
     """Identify, then act: the target decoded from z at the last step of each task's first episode of the meta
     policy (one episode of new-task data, as adaptation gets), shown to the target-observed policy, which then
-    acts on the true task. The decoded target errs by the context's error at step 49."""
+    acts on the true task. The decoded target errs by the context's error at that step."""
     rng, out, first = np.random.default_rng(seed), [], {}
     for task, episode in runs:
         first.setdefault(json.dumps(task, sort_keys=True), (task, episode))
@@ -91,7 +91,7 @@ def _identified_rollouts(observed_agent, decoder, agent, runs, episodes: int, se
         with torch.no_grad():
             xy = decoder(z[-1:])[0].numpy()
         shown = np.array([xy[0], xy[1], task["target"][2]])
-        env = _TargetInObservation(ArmReachFamily().make_env(task), shown=shown)
+        env = _TargetInObservation(family.make_env(task), shown=shown)
         out += [(task, e) for e in rollout(env, observed_agent, episodes=episodes, rng=rng, task_id=f"t{i}")]
     return out
 
@@ -203,8 +203,8 @@ def main() -> None:
             runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
                              args.seed)
             result[split]["observed"] = _measured(np.stack([e.rewards for _, e in runs]))
-            identified = _identified_rollouts(observed_agent, decoder, agent, runs_by_split[split], args.episodes,
-                                              args.seed)
+            identified = _identified_rollouts(observed_agent, decoder, agent, family, runs_by_split[split],
+                                              args.episodes, args.seed)
             result[split]["identified"] = _measured(np.stack([e.rewards for _, e in identified]))
 
     print(f"checkpoint {path}; first {args.tasks} targets per split, {args.episodes} episodes each"
