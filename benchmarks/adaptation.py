@@ -71,33 +71,35 @@ def trained_oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_
     return out
 
 
-def gap_closed(means: dict[str, float]) -> dict[str, float]:
+def gap_closed(means: dict[str, float], adapted: tuple[str, ...] = ADAPTED) -> dict[str, float]:
     """(method - zero-shot) / (oracle - zero-shot) for each adapted method; NaN where the oracle is not above
     zero-shot, since a fraction of a gap that is not there (or runs the other way) says nothing."""
     gap = means["oracle"] - means["zero-shot"]
-    return {m: (means[m] - means["zero-shot"]) / gap if gap >= MIN_GAP else float("nan") for m in ADAPTED}
+    return {m: (means[m] - means["zero-shot"]) / gap if gap >= MIN_GAP else float("nan") for m in adapted}
 
 
-def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: int = 2000) -> dict:
-    """90% bootstrap intervals of each adapted method's gap closed and of MQL's lead over fine-tuning (as a
+def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: int = 2000,
+                  adapted: tuple[str, ...] = ADAPTED, lead: tuple[str, str] | None = ("MQL", "fine-tuning")) -> dict:
+    """90% bootstrap intervals of each adapted method's gap closed and of the `lead` of one over another (as a
     share of the gap). cells[method] holds seeds x tasks returns; tasks are resampled, then seeds within
     each drawn task, since a task's returns over seeds are not independent of each other. NaN when more than
     5% of the draws have the oracle not above zero-shot (gap_closed has no value there): then the gap's own
     interval reaches zero, a fraction of it is unbounded, and dropping those draws would hide that."""
     n_seeds, n_tasks = cells["zero-shot"].shape
-    draws: dict[str, list[float]] = {m: [] for m in (*ADAPTED, "MQL - fine-tuning")}
+    draws: dict[str, list[float]] = {m: [] for m in (*adapted, *([f"{lead[0]} - {lead[1]}"] if lead else []))}
     no_gap = 0
     for _ in range(reps):
         t = rng.integers(0, n_tasks, size=n_tasks)
         s = rng.integers(0, n_seeds, size=(n_seeds, n_tasks))
-        means = {m: float(cells[m][s, t].mean()) for m in METHODS}
-        closed = gap_closed(means)
-        if math.isnan(closed["MQL"]):
+        means = {m: float(v[s, t].mean()) for m, v in cells.items()}
+        closed = gap_closed(means, adapted)
+        if math.isnan(closed[adapted[0]]):
             no_gap += 1
             continue
-        for m in ADAPTED:
+        for m in adapted:
             draws[m].append(closed[m])
-        draws["MQL - fine-tuning"].append(closed["MQL"] - closed["fine-tuning"])
+        if lead:
+            draws[f"{lead[0]} - {lead[1]}"].append(closed[lead[0]] - closed[lead[1]])
     if no_gap > 0.05 * reps:
         return {m: [float("nan")] * 2 for m in draws}
     return {m: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] for m, v in draws.items()}

@@ -49,7 +49,7 @@ SPLITS = ("train", "test", "ood")  # the decoder is fit on train rollouts; ood t
 ARRIVAL = 10  # step by which the oracle's tool is at the target (0.1 cm on the first 5 held-out targets)
 
 
-class _TargetInObservation(gymnasium.ObservationWrapper):
+class TargetInObservation(gymnasium.ObservationWrapper):
     """The arm's observation with a target [x, y, z] appended: the task's own, or `shown` (an estimate of it)."""
 
     def __init__(self, env: gymnasium.Env, shown: np.ndarray | None = None) -> None:
@@ -70,33 +70,46 @@ class ObservedTargetReach(ArmReachFamily):
     name = "arm_reach_observed_target"
 
     def make_env(self, task: dict) -> gymnasium.Env:
-        return _TargetInObservation(super().make_env(task))
+        return TargetInObservation(super().make_env(task))
 
 
-def _rollouts(agent, family, tasks: list[dict], episodes: int, seed: int) -> list[tuple[dict, object]]:
+def load_observed(path: str, parser: argparse.ArgumentParser):
+    """The agent of a target-observed checkpoint; any other checkpoint exits 2 before any work."""
+    ckpt = load_checkpoint(path)
+    if resolve_family(ckpt.family).name != ObservedTargetReach.name:
+        parser.error(f"--observed-checkpoint {path} was meta-trained on {ckpt.family!r}, not on "
+                     f"{ObservedTargetReach.name!r} (the target in the observation)")
+    return agent_from_checkpoint(ckpt)
+
+
+def rollouts(agent, family, tasks: list[dict], episodes: int, seed: int) -> list[tuple[dict, object]]:
     rng = np.random.default_rng(seed)
     return [(task, e) for i, task in enumerate(tasks)
             for e in rollout(make_checked_env(family, task, f"t{i}"), agent, episodes=episodes, rng=rng)]
 
 
+def decoded_target(decoder: torch.nn.Module, agent, task: dict, episode) -> np.ndarray:
+    """The target [x, y, z] as the decoder reads it from z at the last step of one episode on `task` (the height,
+    the same for every arm_reach target, is the task's)."""
+    z, _, _ = contexts(agent, [(task, episode)])
+    with torch.no_grad():
+        xy = decoder(z[-1:])[0].numpy()
+    return np.array([xy[0], xy[1], task["target"][2]])
+
+
 def _identified_rollouts(observed_agent, decoder, agent, family, runs, episodes: int, seed: int) -> list:
-    """Identify, then act: the target decoded from z at the last step of each task's first episode of the meta
-    policy (one episode of new-task data, as adaptation gets), shown to the target-observed policy, which then
-    acts on the true task. The decoded target errs by the context's error at that step."""
+    """Identify, then act: the target decoded from each task's first episode of the meta policy (one episode of
+    new-task data, as adaptation gets), shown to the target-observed policy, which then acts on the true task."""
     rng, out, first = np.random.default_rng(seed), [], {}
     for task, episode in runs:
         first.setdefault(json.dumps(task, sort_keys=True), (task, episode))
     for i, (task, episode) in enumerate(first.values()):
-        z, _, _ = _contexts(agent, [(task, episode)])
-        with torch.no_grad():
-            xy = decoder(z[-1:])[0].numpy()
-        shown = np.array([xy[0], xy[1], task["target"][2]])
-        env = _TargetInObservation(family.make_env(task), shown=shown)
+        env = TargetInObservation(family.make_env(task), shown=decoded_target(decoder, agent, task, episode))
         out += [(task, e) for e in rollout(env, observed_agent, episodes=episodes, rng=rng, task_id=f"t{i}")]
     return out
 
 
-def _contexts(agent, runs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def contexts(agent, runs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """z of every step, the target (x, y) it should tell, and the step index."""
     z, target, step = [], [], []
     for task, episode in runs:
@@ -108,7 +121,7 @@ def _contexts(agent, runs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     return torch.cat(z), torch.cat(target), np.concatenate(step)
 
 
-def _fit_decoder(z: torch.Tensor, target: torch.Tensor, iters: int, seed: int) -> torch.nn.Module:
+def fit_decoder(z: torch.Tensor, target: torch.Tensor, iters: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(z.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                               torch.nn.ReLU(), torch.nn.Linear(256, 2))
@@ -168,25 +181,20 @@ def main() -> None:
     family = ArmReachFamily()
     if ckpt.family != family.name:
         parser.error(f"{path} was meta-trained on {ckpt.family!r}; this benchmark is about arm_reach")
-    observed, observed_agent = ObservedTargetReach(), None
-    if args.observed_checkpoint:
-        observed_ckpt = load_checkpoint(args.observed_checkpoint)
-        if resolve_family(observed_ckpt.family).name != observed.name:
-            parser.error(f"--observed-checkpoint {args.observed_checkpoint} was meta-trained on "
-                         f"{observed_ckpt.family!r}, not on {observed.name!r} (the target in the observation)")
-        observed_agent = agent_from_checkpoint(observed_ckpt)
+    observed = ObservedTargetReach()
+    observed_agent = load_observed(args.observed_checkpoint, parser) if args.observed_checkpoint else None
     # The decoder learns from every train target (the region z must cover), and is scored on held-out ones.
-    fit_runs = _rollouts(agent, family, split_tasks(family, "train"), args.episodes, args.seed)
-    decoder = _fit_decoder(*_contexts(agent, fit_runs)[:2], args.decoder_iters, args.seed)
+    fit_runs = rollouts(agent, family, split_tasks(family, "train"), args.episodes, args.seed)
+    decoder = fit_decoder(*contexts(agent, fit_runs)[:2], args.decoder_iters, args.seed)
 
     result: dict = {"checkpoint": path, "steps": list(STEPS)}
     runs_by_split = {}
     for split in SPLITS:
         tasks = split_tasks(family, split)[: args.tasks]
         runs = [r for r in fit_runs if r[0] in tasks] if split == "train" else \
-            _rollouts(agent, family, tasks, args.episodes, args.seed)
+            rollouts(agent, family, tasks, args.episodes, args.seed)
         runs_by_split[split] = runs
-        z, target, step = _contexts(agent, runs)
+        z, target, step = contexts(agent, runs)
         with torch.no_grad():
             error = (decoder(z) - target).norm(dim=1).numpy()
         result[split] = {
@@ -200,7 +208,7 @@ def main() -> None:
         observed_agent, _ = meta_train(observed, cfg, args.observed_steps, seed=args.seed, progress=False)
     if observed_agent is not None:
         for split in SPLITS:
-            runs = _rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
+            runs = rollouts(observed_agent, observed, split_tasks(observed, split)[: args.tasks], args.episodes,
                              args.seed)
             result[split]["observed"] = _measured(np.stack([e.rewards for _, e in runs]))
             identified = _identified_rollouts(observed_agent, decoder, agent, family, runs_by_split[split],

@@ -157,10 +157,18 @@ def test_target_inference_benchmark_evaluates_a_target_observed_checkpoint_train
             assert set(m["distance_cm"]) == {str(s) for s in res["steps"]}, key
             assert all(math.isfinite(v) and v >= 0 for v in m["distance_cm"].values()), key
             assert m["return"] < 0, key
+    out = _run("benchmarks/identify_then_act.py", "--observed-checkpoint", str(observed), "--seeds", "1", "--tasks",
+               "1", "--episodes", "1", "--splits", "test", "--decoder-iters", "50", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = _last_json(out.stdout)["test"]
+    assert set(row["mean"]) == {"zero-shot", "identify-then-act", "told policy", "oracle"}
+    assert all(math.isfinite(v) and v < 0 for v in row["mean"].values())
+    assert set(row["gap_closed"]) == set(row["gap_closed_90"]) == {"identify-then-act", "told policy"}
     # the shipped (context) checkpoint is not a target-observed one: refused before any rollout
     shipped = str(ROOT / "checkpoints" / "arm_reach.pt")
-    out = _run("benchmarks/target_inference.py", "--observed-checkpoint", shipped)
-    assert out.returncode == 2 and "not on 'arm_reach_observed_target'" in out.stderr, out.stderr[-2000:]
+    for script in ("benchmarks/target_inference.py", "benchmarks/identify_then_act.py"):
+        out = _run(script, "--observed-checkpoint", shipped)
+        assert out.returncode == 2 and "not on 'arm_reach_observed_target'" in out.stderr, out.stderr[-2000:]
     out = _run("benchmarks/target_inference.py", "--observed-checkpoint", str(observed), "--observed-steps", "10")
     assert out.returncode == 2 and "give one" in out.stderr, out.stderr[-2000:]
 
