@@ -105,6 +105,20 @@ def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: 
     return {m: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] for m, v in draws.items()}
 
 
+def split_row(cells: dict[str, list], adapted: tuple[str, ...] = ADAPTED,
+              lead: tuple[str, str] | None = ("MQL", "fine-tuning")) -> dict:
+    """One split's table row from cells[method] = per seed, the per-task returns: means, spread over seeds, gap
+    closed with its bootstrap interval, and the per-task returns (for --json)."""
+    arrays = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
+    means = {m: float(v.mean()) for m, v in arrays.items()}
+    n_seeds, n_tasks = arrays["zero-shot"].shape
+    return {"tasks": n_tasks, "seeds": n_seeds, "mean": means,
+            "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in arrays.items()},
+            "gap_closed": gap_closed(means, adapted),
+            "gap_closed_90": gap_intervals(arrays, np.random.default_rng(0), adapted=adapted, lead=lead),
+            "per_task": {m: v.tolist() for m, v in arrays.items()}}
+
+
 def _fraction(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.2f}"
 
@@ -144,15 +158,7 @@ def main() -> None:
                 agent, family, tasks, split, args.episodes, args.oracle_episodes, args.oracle_updates, seed))
             print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "
                   + ", ".join(f"{m} {np.mean(cells[m][-1]):.2f}" for m in METHODS), flush=True)
-        cells = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
-        means = {m: float(v.mean()) for m, v in cells.items()}
-        table[split] = {
-            "tasks": len(tasks), "seeds": args.seeds,
-            "mean": means, "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in cells.items()},
-            "gap_closed": gap_closed(means),
-            "gap_closed_90": gap_intervals(cells, np.random.default_rng(0)),
-            "per_task": {m: v.tolist() for m, v in cells.items()},
-        }
+        table[split] = split_row(cells)
     print(f"\ncheckpoint {path} ({family.name}); {args.seeds} seeds; {args.episodes} eval episodes per task; "
           f"adaptation {cfg.new_task_iters}+{cfg.archive_iters} iterations, MQL lambda {cfg.proximal}, "
           f"other-lambda {other_rule}; "

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from adaptation import gap_closed, gap_intervals  # benchmarks/, beside this script
+from adaptation import split_row  # benchmarks/, beside this script
 from target_inference import TargetInObservation, contexts, decoded_target, fit_decoder, load_observed, rollouts
 
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
@@ -94,13 +94,7 @@ def main() -> None:
             cells["oracle"].append(oracle)
             print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "
                   + ", ".join(f"{m} {np.mean(cells[m][-1]):.2f}" for m in METHODS), flush=True)
-        cells = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
-        means = {m: float(v.mean()) for m, v in cells.items()}
-        table[split] = {"tasks": len(tasks), "seeds": args.seeds, "mean": means,
-                        "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in cells.items()},
-                        "gap_closed": gap_closed(means, ADAPTED),
-                        "gap_closed_90": gap_intervals(cells, np.random.default_rng(0), adapted=ADAPTED, lead=None),
-                        "per_task": {m: v.tolist() for m, v in cells.items()}}
+        table[split] = split_row(cells, ADAPTED, lead=None)
 
     print(f"\nmeta policy {path}; told policy {args.observed_checkpoint}; {args.seeds} seeds; {args.episodes} eval "
           "episodes per task; oracle: arm_reach.oracle_return")
