@@ -205,3 +205,28 @@ def wait_control_loop_connected(probe: Probe, timeout: float = 90.0) -> None:
     wait_collecting(probe, "context_encoder", steps=5, timeout=timeout)
     probe.wait_for(lambda: probe.received("joint_states") and probe.received("arm_controller/commands"), timeout,
                    "the probe receiving joint states and arm commands")
+
+
+def assert_holds_once_the_last_state_is_stale(probe: Probe, stopped_ns: int, state_timeout: float = 0.2) -> None:
+    """After the sim stopped publishing at `stopped_ns` (system clock): every arm command the policy published
+    (DDS source time) more than state_timeout + 0.1 s (a tick's clock read to its publish) after the last
+    state's header stamp is one hold, at one of the last positions the sim measured. The probe must subscribe
+    to joint_states reliably (as the sim writes them), so that it has every state whichever the policy drops;
+    times are the publishers' own, so the probe's delivery delays do not count."""
+    topic = "arm_controller/commands"
+    probe.wait_for(lambda: any(t > stopped_ns + 3 * 10**8 for t in probe.published_ns(topic)), 5.0,
+                   "the policy still commanding 0.3 s after the state stopped (by then the last states are in)")
+    states = probe.received("joint_states")
+    last = states[-1].header.stamp
+    stale_ns = last.sec * 10**9 + last.nanosec + int((state_timeout + 0.1) * 1e9)
+    probe.wait_for(lambda: any(t > stale_ns for t in probe.published_ns(topic)), 5.0,
+                   "a command published after the last state went stale")
+    n = next(i for i, t in enumerate(probe.published_ns(topic)) if t > stale_ns)
+    probe.wait_for(lambda: len(probe.received(topic)) > n + 25, 5.0, "half a second of holding")
+    held = probe.received(topic)[n:]
+    hold = held[0].data
+    recent = [list(m.position) for m in states[-5:]]
+    assert list(hold) in recent, f"the hold {list(hold)} is none of the last measured positions {recent}"
+    assert all(m.data == hold for m in held), (
+        f"once the state is stale every command is the hold {list(hold)}; also sent "
+        f"{[list(m.data) for m in held if m.data != hold][:3]}")

@@ -170,6 +170,25 @@ def test_a_state_stamped_longer_ago_than_state_timeout_is_refused_however_late_i
     assert guard.command(0.02, policy).hold == ""
 
 
+
+def test_a_state_that_arrived_late_goes_stale_state_timeout_after_it_was_measured_not_after_it_arrived():
+    """A state measured 0.15 s before it arrived was accepted (fresh enough) and then acted on for another
+    full state_timeout: commands from a state 0.35 s old (found by a flaky real-process test)."""
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 1.0)
+    guard.set_context(np.zeros(3), 3, 1.0)
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 1.0, measured_age=0.15)
+    assert guard.command(1.0, policy).hold == ""
+    assert guard.command(1.04, policy).hold == ""  # measured 0.19 s ago
+    held = guard.command(1.06, policy)  # measured 0.21 s ago, arrived 0.06 s ago
+    assert "joint state is 0.210 s old" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
+    # A stamp ahead of the receiver's clock (negative age) must not make a state fresh for longer either.
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 2.0)
+    guard.set_context(np.zeros(3), 3, 2.0)
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 2.0, measured_age=-1.0)
+    assert guard.command(2.19, policy).hold == "" and guard.command(2.21, policy).hold
+
 # ----------------------------------------------------------------------------- policy updates
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:

@@ -27,7 +27,8 @@ from mql_ros.core.runtime import DeployedPolicy
 
 @dataclass
 class Reading:
-    """The latest valid value of one input, when it arrived (a monotonic clock), or why the last was refused."""
+    """The latest valid value of one input, when it was measured (or arrived, if earlier unknown; a monotonic
+    clock), or why the last was refused."""
 
     value: object = None
     stamp: float = -np.inf
@@ -96,7 +97,8 @@ class CommandGuard:
                         measured_age: float | None = None) -> None:
         """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed, or if
         its header stamp says it was measured more than state_timeout ago (`measured_age`, s; None: unstamped).
-        Arrival time alone would let a late or replayed state count as fresh."""
+        Arrival time alone would let a late or replayed state count as fresh. Its age from then on counts from
+        when it was measured, if that was before it arrived: a state that arrived late goes stale sooner."""
         reading, joints = ((self.arm, self.robot.arm_joints) if which == "arm"
                            else (self.gripper, self.robot.gripper_joints))
         try:
@@ -107,7 +109,7 @@ class CommandGuard:
         except InputError as exc:
             reading.refuse(str(exc))
             raise
-        reading.accept(value, now)
+        reading.accept(value, now - max(measured_age or 0.0, 0.0))
 
     def set_context(self, z, expected_dim: int, now: float) -> None:
         """Accept a context of `expected_dim` finite values; InputError (and a fault) otherwise."""
