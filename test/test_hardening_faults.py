@@ -6,6 +6,7 @@ Each test waits on conditions (never sleeps) and checks what the robot would see
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,42 @@ def test_a_signal_during_a_long_adaptation_stops_it_and_the_node_exits_0(ros_gra
     assert node.proc.wait(15) == 0, f"exit status {node.proc.returncode}\n{node.log()[-3000:]}"
     assert time.monotonic() - begun < 10.0
 
+
+
+def test_a_signal_while_the_node_loads_a_large_archive_stops_the_load_and_the_node_exits_0_promptly(
+        ros_graph, tiny_checkpoint):
+    """The adaptation node loads its replay_dir in the worker on the first adaptation; close() waits 5 s for
+    the worker and a load of a large archive ran on past it (asked to stop only between updates)."""
+    from mql_ros.archive import EpisodeArchiveWriter
+    from mql_ros.core.episode import Episode
+
+    rng = np.random.default_rng(0)
+    one = ros_graph.dir / "one"
+    writer = EpisodeArchiveWriter(one, ROBOT, family="arm_reach", episodes_per_bag=1)
+    writer.add(Episode("arm_reach/train/0", np.zeros((6, ROBOT.obs_dim), np.float32),
+                       rng.uniform(-1, 1, (5, ROBOT.act_dim)), rng.normal(size=5)))
+    writer.close()
+    (bag,) = [p.parent for p in one.glob("*/metadata.yaml")]
+    replay = ros_graph.dir / "replay"
+    for i in range(600):  # a copy is read like any bag: about 10 ms each here, so seconds of loading
+        shutil.copytree(bag, replay / f"bag_{i:04d}")
+    probe = ros_graph.probe
+    watch(probe)
+    start_control(ros_graph, tiny_checkpoint, episode_steps=15)
+    node = ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), replay_dir=str(replay),
+                           output_dir=str(ros_graph.dir / "adapted"))
+    probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2 for d in diagnostic_values(probe, "adaptation")),
+                   90.0, "two new-task episodes")
+    started = probe.call(Trigger, "mql/adapt", Trigger.Request())
+    assert started.success, started.message
+    probe.wait_for(lambda: "loading the archive" in node.log(), 20.0, "the node loading its archive")
+    begun = time.monotonic()
+    node.interrupt(signal.SIGTERM)
+    assert node.proc.wait(15) == 0, f"exit status {node.proc.returncode}\n{node.log()[-3000:]}"
+    elapsed = time.monotonic() - begun
+    log = node.log()
+    assert f"episodes from {replay}" not in log, f"the load ended before the signal: a larger archive\n{log[-2000:]}"
+    assert "loading the archive stopped before" in log and elapsed < 4.0, f"{elapsed:.1f} s\n{log[-3000:]}"
 
 @pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
                          ids=["SIGTERM", "SIGINT", "SIGINT-twice"])

@@ -292,9 +292,18 @@ class AdaptationNode(Node):
             from mql_ros.archive import load_episodes
 
             replay = MultiTaskReplay(self.meta.config.history_len)
-            for episode in load_episodes(self.replay_dir, self.robot, warn=self.get_logger().warning,
-                                         stop=self._stopping.is_set):
+            self.get_logger().info(f"loading the archive {self.replay_dir}")
+            started = time.monotonic()
+            try:
+                episodes = load_episodes(self.replay_dir, self.robot, warn=self.get_logger().warning,
+                                         stop=self._stopping.is_set)
+            except AdaptationCancelled as exc:
+                self.get_logger().info(f"shutting down: {exc}")
+                raise
+            for episode in episodes:
                 replay.add_episode(episode)
+            self.get_logger().info(f"loaded {len(episodes)} episodes from {self.replay_dir} "
+                                   f"in {time.monotonic() - started:.1f} s")
             self._replay = replay
         return self._replay
 
