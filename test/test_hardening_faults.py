@@ -90,6 +90,19 @@ def wait_acting(probe, timeout: float = 90.0) -> None:
                    lambda: f"the policy acting (its status: {policy_status(probe)['_message']!r})")
 
 
+def adapt_on_two_episodes(graph, checkpoint: Path, **params):
+    """The control loop with 15-step episodes and an adaptation node (`params`); once it holds two new-task
+    episodes, ask it to adapt. Returns the adaptation node's process."""
+    start_control(graph, checkpoint, episode_steps=15)
+    node = graph.start("adaptation", checkpoint=str(checkpoint), output_dir=str(graph.dir / "adapted"), **params)
+    graph.probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2
+                                     for d in diagnostic_values(graph.probe, "adaptation")),
+                         90.0, "two new-task episodes")
+    started = graph.probe.call(Trigger, "mql/adapt", Trigger.Request())
+    assert started.success, started.message
+    return node
+
+
 def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_records_a_new_one(
         ros_graph, tiny_checkpoint, other_checkpoint):
     probe = ros_graph.probe
@@ -196,14 +209,8 @@ def test_a_diverging_adaptation_is_refused_by_validation_and_nothing_is_publishe
     watch(probe)
     config = ros_graph.dir / "diverge.yaml"
     config.write_text("adapt:\n  lr: 1.0\n  new_task_iters: 10\n  archive_iters: 0\n")
-    start_control(ros_graph, shipped, episode_steps=15)
-    ros_graph.start("adaptation", checkpoint=str(shipped), config_file=str(config),
-                    output_dir=str(ros_graph.dir / "adapted"))
     meta_sha = DeployedPolicy.from_checkpoint(shipped, ROBOT).sha256
-    probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2 for d in diagnostic_values(probe, "adaptation")),
-                   90.0, "two new-task episodes")
-    started = probe.call(Trigger, "mql/adapt", Trigger.Request())
-    assert started.success, started.message
+    adapt_on_two_episodes(ros_graph, shipped, config_file=str(config))
     probe.wait_for(lambda: any("adapted policy refused" in d["_message"]
                                for d in diagnostic_values(probe, "adaptation")), 60.0,
                    "validation refusing the diverged policy")
@@ -221,13 +228,7 @@ def test_a_signal_during_a_long_adaptation_stops_it_and_the_node_exits_0(ros_gra
     watch(probe)
     config = ros_graph.dir / "long.yaml"
     config.write_text("adapt:\n  new_task_iters: 100000\n  archive_iters: 0\n")  # hours of updates
-    start_control(ros_graph, tiny_checkpoint, episode_steps=15)
-    node = ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), config_file=str(config),
-                           output_dir=str(ros_graph.dir / "adapted"))
-    probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2 for d in diagnostic_values(probe, "adaptation")),
-                   90.0, "two new-task episodes")
-    started = probe.call(Trigger, "mql/adapt", Trigger.Request())
-    assert started.success, started.message
+    node = adapt_on_two_episodes(ros_graph, tiny_checkpoint, config_file=str(config))
     probe.wait_for(lambda: any(d.get("state") == "running" for d in diagnostic_values(probe, "adaptation")), 20.0,
                    "the adaptation running")
     time.sleep(1.0)  # well inside its updates
@@ -257,13 +258,7 @@ def test_a_signal_while_the_node_loads_a_large_archive_stops_the_load_and_the_no
         shutil.copytree(bag, replay / f"bag_{i:04d}")
     probe = ros_graph.probe
     watch(probe)
-    start_control(ros_graph, tiny_checkpoint, episode_steps=15)
-    node = ros_graph.start("adaptation", checkpoint=str(tiny_checkpoint), replay_dir=str(replay),
-                           output_dir=str(ros_graph.dir / "adapted"))
-    probe.wait_for(lambda: any(int(d.get("new_episodes", "0")) >= 2 for d in diagnostic_values(probe, "adaptation")),
-                   90.0, "two new-task episodes")
-    started = probe.call(Trigger, "mql/adapt", Trigger.Request())
-    assert started.success, started.message
+    node = adapt_on_two_episodes(ros_graph, tiny_checkpoint, replay_dir=str(replay))
     probe.wait_for(lambda: "loading the archive" in node.log(), 20.0, "the node loading its archive")
     begun = time.monotonic()
     node.interrupt(signal.SIGTERM)

@@ -105,28 +105,43 @@ def test_every_command_is_finite_within_joint_limits_and_the_rate_limit_for_any_
 
 
 @SETTINGS
-@given(events=st.lists(st.tuples(st.sampled_from(["arm", "gripper", "context", "tick"]), st.floats(0.0, 0.4)),
+@given(events=st.lists(st.tuples(st.sampled_from(["arm", "gripper", "context", "tick"]), st.floats(0.0, 0.4),
+                                 st.none() | st.floats(-0.1, 0.4)),
                        min_size=1, max_size=30),
        state_timeout=st.floats(0.01, 0.3), context_timeout=st.floats(0.01, 0.3))
+@example(events=[("gripper", 0.0, None), ("context", 0.0, None), ("arm", 0.0, 0.15), ("tick", 0.1, None)],
+         state_timeout=0.2, context_timeout=0.3)  # arrived 0.1 s ago, measured 0.25 s ago: hold
 def test_the_policy_acts_only_on_fresh_state_and_context_and_holds_until_fresh_state_returns(
         events, state_timeout, context_timeout):
+    """Fresh: the arm state measured (its header stamp; arrival if unstamped or stamped ahead) and the gripper
+    state and context arrived within their timeouts; an arm state stamped too long ago is refused: hold."""
     policy = deployed(WEIGHTS)
     guard = CommandGuard(ROBOT, SafetyLimits(state_timeout, context_timeout, 10.0, 1.0))
     arrived = {"arm": -np.inf, "gripper": -np.inf, "context": -np.inf}
+    arm_refused = False
     held_positions = None
     now = 0.0
-    for kind, dt in events:
+    for kind, dt, age in events:
         now += dt
         if kind == "arm":
-            guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, now)
-        elif kind == "gripper":
+            try:
+                guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, now, age)
+            except InputError:
+                assert age is not None and age > state_timeout
+                arm_refused = True
+                continue
+            arm_refused = False
+            arrived["arm"] = now - max(age or 0.0, 0.0)
+            held_positions = None
+            continue
+        if kind == "gripper":
             guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], now)
         elif kind == "context":
             guard.set_context(np.full(3, 0.5), 3, now)
         else:
             command = guard.command(now, policy)
-            fresh = (now - arrived["arm"] <= state_timeout and now - arrived["gripper"] <= state_timeout
-                     and now - arrived["context"] <= context_timeout)
+            fresh = (not arm_refused and now - arrived["arm"] <= state_timeout
+                     and now - arrived["gripper"] <= state_timeout and now - arrived["context"] <= context_timeout)
             if command is None:
                 assert arrived["arm"] == -np.inf or arrived["gripper"] == -np.inf
                 continue
@@ -142,12 +157,17 @@ def test_the_policy_acts_only_on_fresh_state_and_context_and_holds_until_fresh_s
             held_positions = None
 
 
+def fresh_inputs(guard: CommandGuard, now: float, arm_age: float | None = None) -> None:
+    """Arm state (measured `arm_age` s before it arrives; None: unstamped), gripper state and context at `now`."""
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], now)
+    guard.set_context(np.zeros(3), 3, now)
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, now, measured_age=arm_age)
+
+
 def test_a_hold_request_holds_even_with_fresh_inputs():
     policy = deployed(WEIGHTS)
     guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
-    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.0)
-    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 0.0)
-    guard.set_context(np.zeros(3), 3, 0.0)
+    fresh_inputs(guard, 0.0)
     assert guard.command(0.0, policy).hold == ""
     guard.hold_requested = True
     assert "mql/hold" in guard.command(0.0, policy).hold
@@ -158,17 +178,14 @@ def test_a_state_stamped_longer_ago_than_state_timeout_is_refused_however_late_i
     acted on (found by an audit). Its header-stamp age now counts; an unstamped state (age None) cannot."""
     policy = deployed(WEIGHTS)
     guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
-    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 0.0)
-    guard.set_context(np.zeros(3), 3, 0.0)
-    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.0, measured_age=0.01)
+    fresh_inputs(guard, 0.0, arm_age=0.01)
     assert guard.command(0.0, policy).hold == ""
     with pytest.raises(InputError, match="measured 5.000 s ago by its header stamp"):
         guard.set_joint_state("arm", ROBOT.arm_joints, [0.5, 0.5, 0.5, 0.5], [0.0] * 4, 0.01, measured_age=5.0)
     held = guard.command(0.01, policy)
     assert held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])  # the last state measured in time
-    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 0.02, measured_age=None)
+    fresh_inputs(guard, 0.02, arm_age=None)
     assert guard.command(0.02, policy).hold == ""
-
 
 
 def test_a_state_that_arrived_late_goes_stale_state_timeout_after_it_was_measured_not_after_it_arrived():
@@ -176,18 +193,15 @@ def test_a_state_that_arrived_late_goes_stale_state_timeout_after_it_was_measure
     full state_timeout: commands from a state 0.35 s old (found by a flaky real-process test)."""
     policy = deployed(WEIGHTS)
     guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
-    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 1.0)
-    guard.set_context(np.zeros(3), 3, 1.0)
-    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 1.0, measured_age=0.15)
+    fresh_inputs(guard, 1.0, arm_age=0.15)
     assert guard.command(1.0, policy).hold == ""
     assert guard.command(1.04, policy).hold == ""  # measured 0.19 s ago
     held = guard.command(1.06, policy)  # measured 0.21 s ago, arrived 0.06 s ago
     assert "joint state is 0.210 s old" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
     # A stamp ahead of the receiver's clock (negative age) must not make a state fresh for longer either.
-    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 2.0)
-    guard.set_context(np.zeros(3), 3, 2.0)
-    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 2.0, measured_age=-1.0)
+    fresh_inputs(guard, 2.0, arm_age=-1.0)
     assert guard.command(2.19, policy).hold == "" and guard.command(2.21, policy).hold
+
 
 # ----------------------------------------------------------------------------- policy updates
 @pytest.fixture(scope="module")
