@@ -77,7 +77,7 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     lo, hi = ROBOT.command_lower, ROBOT.command_upper
     assert np.all(np.isfinite(arm)) and np.all(arm >= lo[:4]) and np.all(arm <= hi[:4])
     assert all(lo[4] <= g.data[0] <= hi[4] for g in grips)
-    times = np.array([t for t, _ in commands[-40:]])
+    times = np.array(probe.published_ns("arm_controller/commands")[-40:]) / 1e9  # the policy's clock, not ours
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert 18.0 < rate < 32.0, f"commands at {rate:.1f} Hz, control_rate 25"
 
@@ -89,11 +89,17 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     # test process (a long pytest run's garbage collection) is not taken for a gap in the encoder.
     t_cmd = np.array(probe.published_ns("arm_controller/commands")) / 1e9
     t_ctx = np.array(probe.published_ns("mql/context")) / 1e9
+    zero = np.array([not np.any(m.data) for m in probe.received("mql/context")])[: len(t_ctx)]
     lo_t, hi_t = first_step_ns / 1e9, t_cmd[-1]
     n_cmd = np.sum((t_cmd > lo_t) & (t_cmd <= hi_t))
-    in_window = t_ctx[(t_ctx > lo_t) & (t_ctx <= hi_t)]
+    window = (t_ctx > lo_t) & (t_ctx <= hi_t)
+    in_window, starts = t_ctx[window], zero[window][:-1]
     assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd, encoder_status(), ros_graph.logs())
-    assert np.max(np.diff(in_window)) < 0.25, "a gap of several control periods without a context"
+    gaps = np.diff(in_window)
+    # After an episode start's zero context the first step completes with the episode's second command, 2.5-3.5
+    # periods later (0.10-0.15 s measured); within an episode a context follows every command (0.04 s).
+    assert np.max(gaps[~starts]) < 0.25, "a gap of several control periods without a context"
+    assert not starts.any() or np.max(gaps[starts]) < 0.4, "an episode's first context came late"
     # The context is reset to zeros at every episode start, and is not zero once steps were pushed.
     assert any(np.allclose(m.data, 0.0) for _, m in contexts)
     assert any(not np.allclose(m.data, 0.0) for _, m in contexts)
