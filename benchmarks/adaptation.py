@@ -119,7 +119,8 @@ def split_row(cells: dict[str, list], adapted: tuple[str, ...] = ADAPTED,
             "per_task": {m: v.tolist() for m, v in arrays.items()}}
 
 
-def _fraction(x: float) -> str:
+def fraction_cell(x: float) -> str:
+    """A gap fraction for a table cell: n/a where there is none (no gap, or no interval)."""
     return "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
@@ -169,13 +170,13 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(METHODS) + len(ADAPTED)))
     for split, row in table.items():
         returns = " | ".join(f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS)
-        gaps = " | ".join(_fraction(row["gap_closed"][m]) for m in ADAPTED)
+        gaps = " | ".join(fraction_cell(row["gap_closed"][m]) for m in ADAPTED)
         print(f"| {split} | {row['tasks']} | {returns} | {gaps} |")
     print("\n90% bootstrap intervals of the gap closed (tasks resampled, then seeds within each task):")
     print(f"| split | {' | '.join(ADAPTED)} | MQL - fine-tuning |")
     print("|---|" + "---|" * (len(ADAPTED) + 1))
     for split, row in table.items():
-        print(f"| {split} | " + " | ".join(f"[{_fraction(lo)}, {_fraction(hi)}]"
+        print(f"| {split} | " + " | ".join(f"[{fraction_cell(lo)}, {fraction_cell(hi)}]"
                                            for lo, hi in row["gap_closed_90"].values()) + " |")
     for split, row in table.items():
         if math.isnan(row["gap_closed"]["MQL"]):

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from adaptation import split_row  # benchmarks/, beside this script
+from adaptation import fraction_cell, split_row  # benchmarks/, beside this script
 from target_inference import TargetInObservation, contexts, decoded_target, fit_decoder, load_observed, rollouts
 
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
@@ -102,8 +102,8 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(METHODS) + len(ADAPTED)))
     for split, row in table.items():
         returns = " | ".join(f"{row['mean'][m]:.2f} ± {row['std_over_seeds'][m]:.2f}" for m in METHODS)
-        gaps = " | ".join(f"{row['gap_closed'][m]:.2f} [{row['gap_closed_90'][m][0]:.2f}, "
-                          f"{row['gap_closed_90'][m][1]:.2f}]" for m in ADAPTED)
+        gaps = " | ".join(f"{fraction_cell(row['gap_closed'][m])} [{fraction_cell(row['gap_closed_90'][m][0])}, "
+                          f"{fraction_cell(row['gap_closed_90'][m][1])}]" for m in ADAPTED)
         print(f"| {split} | {row['tasks']} | {returns} | {gaps} |")
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
