@@ -111,10 +111,13 @@ def test_every_command_is_finite_within_joint_limits_and_the_rate_limit_for_any_
        state_timeout=st.floats(0.01, 0.3), context_timeout=st.floats(0.01, 0.3))
 @example(events=[("gripper", 0.0, None), ("context", 0.0, None), ("arm", 0.0, 0.15), ("tick", 0.1, None)],
          state_timeout=0.2, context_timeout=0.3)  # arrived 0.1 s ago, measured 0.25 s ago: hold
+@example(events=[("gripper", 0.0, None), ("context", 0.0, None), ("arm", 0.0, -0.15), ("tick", 0.0, None)],
+         state_timeout=0.1, context_timeout=0.3)  # stamped further ahead than the window: refused
 def test_the_policy_acts_only_on_fresh_state_and_context_and_holds_until_fresh_state_returns(
         events, state_timeout, context_timeout):
     """Fresh: the arm state measured (its header stamp; arrival if unstamped or stamped ahead) and the gripper
-    state and context arrived within their timeouts; an arm state stamped too long ago is refused: hold."""
+    state and context arrived within their timeouts; an arm state stamped too long ago, or further ahead of
+    the clock than state_timeout, is refused: hold."""
     policy = deployed(WEIGHTS)
     guard = CommandGuard(ROBOT, SafetyLimits(state_timeout, context_timeout, 10.0, 1.0))
     arrived = {"arm": -np.inf, "gripper": -np.inf, "context": -np.inf}
@@ -127,9 +130,10 @@ def test_the_policy_acts_only_on_fresh_state_and_context_and_holds_until_fresh_s
             try:
                 guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, now, age)
             except InputError:
-                assert age is not None and age > state_timeout
+                assert age is not None and abs(age) > state_timeout
                 arm_refused = True
                 continue
+            assert age is None or abs(age) <= state_timeout, f"accepted a state stamped {age} s ago"
             arm_refused = False
             arrived["arm"] = now - max(age or 0.0, 0.0)
             held_positions = None
@@ -199,8 +203,21 @@ def test_a_state_that_arrived_late_goes_stale_state_timeout_after_it_was_measure
     held = guard.command(1.06, policy)  # measured 0.21 s ago, arrived 0.06 s ago
     assert "joint state is 0.210 s old" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
     # A stamp ahead of the receiver's clock (negative age) must not make a state fresh for longer either.
-    fresh_inputs(guard, 2.0, arm_age=-1.0)
+    fresh_inputs(guard, 2.0, arm_age=-0.15)
     assert guard.command(2.19, policy).hold == "" and guard.command(2.21, policy).hold
+
+
+def test_a_state_stamped_further_ahead_of_the_clock_than_state_timeout_is_refused_naming_the_clocks():
+    """With the driver's clock 1 s ahead, a state that arrived 0.5 s late looked measured 0.5 s in the future
+    and was accepted as fresh: the stamp check cannot work across clocks that disagree by more than the window."""
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    fresh_inputs(guard, 0.0, arm_age=-0.2)  # within the window: accepted
+    assert guard.command(0.0, policy).hold == ""
+    with pytest.raises(InputError, match=r"stamped 0\.500 s ahead of this node's clock.*synchronize"):
+        guard.set_joint_state("arm", ROBOT.arm_joints, [0.5, 0.5, 0.5, 0.5], [0.0] * 4, 0.01, measured_age=-0.5)
+    held = guard.command(0.01, policy)
+    assert "ahead of this node's clock" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
 
 
 # ----------------------------------------------------------------------------- policy updates

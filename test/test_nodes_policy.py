@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.duration import Duration  # noqa: E402
 from rosgraph_helpers import diagnostic_values  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String  # noqa: E402
@@ -40,6 +41,8 @@ class FakeRobot:
         self.names = list(ROBOT.arm_joints)
         self.running = True
         self.sent = 0  # arm states published
+        self.stamp_offset: float | None = None  # s added to the clock for the arm states' header stamp; None: unstamped
+        self.clock = node.get_clock()
         self.timer = node.create_timer(0.02, self.publish)
 
     def publish(self) -> None:
@@ -47,6 +50,8 @@ class FakeRobot:
             return
         # Joints deliberately in reversed order: the node must match them by name.
         arm = JointState(name=self.names[::-1], position=self.arm_q[::-1].tolist(), velocity=[0.0] * 4)
+        if self.stamp_offset is not None:
+            arm.header.stamp = (self.clock.now() + Duration(seconds=self.stamp_offset)).to_msg()
         grip = JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(), velocity=[0.0, 0.0])
         self.grip_pub.publish(grip)
         self.ctx_pub.publish(Float32MultiArray(data=self.context.tolist()))
@@ -205,6 +210,25 @@ def test_policy_hold_service_stops_acting_until_released(ros_graph, tiny_checkpo
     wait_command(probe, hold, 30.0, "hold commands while /mql/hold is on", atol=1e-9)
     assert probe.call(SetBool, "mql/hold", SetBool.Request(data=False)).success
     wait_command(probe, act, 5.0, "the policy acting after /mql/hold false", atol=1e-5)
+
+
+def test_policy_holds_on_states_stamped_too_long_ago_or_too_far_ahead_and_acts_on_freshly_stamped_ones(
+        ros_graph, tiny_checkpoint):
+    """The header stamp is checked against the node's clock in both directions; /diagnostics says which."""
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, state_timeout=0.2)
+    robot = FakeRobot(probe, policy.context_dim)
+    robot.stamp_offset = 0.0
+    act = expected_commands(policy, robot.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    wait_command(probe, act, 30.0, "the policy acting on freshly stamped states", atol=1e-5)
+    for offset, says in ((-5.0, "measured 5.0"), (1.0, "s ahead of this node's clock")):
+        robot.stamp_offset = offset
+        wait_command(probe, hold, 5.0, f"a hold on states stamped {offset:+} s from now", atol=1e-9)
+        probe.wait_for(lambda s=says: any(s in d["_message"] for d in diagnostic_values(probe, "policy")),
+                       5.0, f"/diagnostics naming the stamp ({says!r})")
+        robot.stamp_offset = 0.0
+        wait_command(probe, act, 5.0, "the policy acting again on freshly stamped states", atol=1e-5)
 
 
 def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):

@@ -98,13 +98,20 @@ class CommandGuard:
         """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed, or if
         its header stamp says it was measured more than state_timeout ago (`measured_age`, s; None: unstamped).
         Arrival time alone would let a late or replayed state count as fresh. Its age from then on counts from
-        when it was measured, if that was before it arrived: a state that arrived late goes stale sooner."""
+        when it was measured, if that was before it arrived: a state that arrived late goes stale sooner.
+        A stamp more than state_timeout ahead of `now`'s clock is refused too: the sender's clock is ahead of
+        ours by more than the window, so a stamp can no longer tell a late state from a fresh one."""
         reading, joints = ((self.arm, self.robot.arm_joints) if which == "arm"
                            else (self.gripper, self.robot.gripper_joints))
+        timeout = self.limits.state_timeout
         try:
-            if measured_age is not None and not measured_age <= self.limits.state_timeout:
+            if measured_age is not None and not measured_age <= timeout:
                 raise InputError(f"{which} state was measured {measured_age:.3f} s ago by its header stamp "
-                                 f"(state_timeout {self.limits.state_timeout} s)")
+                                 f"(state_timeout {timeout} s)")
+            if measured_age is not None and measured_age < -timeout:
+                raise InputError(f"{which} state is stamped {-measured_age:.3f} s ahead of this node's clock "
+                                 f"(more than state_timeout {timeout} s): the sender's clock and ours disagree, "
+                                 "synchronize them (e.g. chrony)")
             value = read_joint_state(self.robot, names, positions, velocities, joints, f"{which} state")
         except InputError as exc:
             reading.refuse(str(exc))
