@@ -1,5 +1,5 @@
 """Identify-then-act on arm_reach, in the adaptation benchmark's protocol: what one episode of new-task data is
-worth to a policy that can act on a target estimate, beside zero-shot and the IK oracle.
+worth to a policy that can act on a target estimate, beside zero-shot and the oracle.
 
 For each task and seed, with the seed's generator used exactly as benchmarks/adaptation.py uses it for MQL (so the
 same new-task episode and the same evaluation resets as MQL's on that seed):

@@ -4,7 +4,7 @@ The arm's actions are joint position targets scaled to [-1, 1] by a tanh; the be
 can sit near its limit, where the tanh saturates and its gradient vanishes. This trains plain TD3 (no
 context: one task) on one held-out arm_reach target, with and without MQLConfig.actor_preactivation_l2,
 same seed and steps, and reports the deterministic policy's return, its distance to the target at the
-end of the episode, how often an action component is saturated (|a| > 0.99), and the IK oracle's return.
+end of the episode, how often an action component is saturated (|a| > 0.99), and the oracle's return.
 
     python benchmarks/preactivation.py [--steps 15000] [--l2 0.01] [--task 0] [--seed 0]   # ~5 min
 """
@@ -62,7 +62,7 @@ def main() -> None:
     rows = [run(family, l2, args.steps, args.seed, args.episodes) for l2 in (0.0, args.l2)]
     oracle = family.oracle_return(family.train_tasks()[0])
     print(f"one arm_reach target (test/{args.task}), TD3 without context, {args.steps} steps, seed {args.seed}; "
-          f"IK oracle return {oracle:.2f}")
+          f"oracle return {oracle:.2f}")
     print(f"{'actor_preactivation_l2':>24} {'return':>8} {'final dist (m)':>15} {'saturated':>10}")
     for r in rows:
         print(f"{r['actor_preactivation_l2']:>24g} {r['return']:>8.2f} {r['final_distance_m']:>15.3f} "

@@ -15,7 +15,7 @@ side by side:
              the meta policy's first episode on the task, i.e. what one episode of new-task data is worth
              to a policy that can use a target estimate
 
-  oracle     the IK oracle (ArmReachFamily.oracle_rewards): its tool distance by step on the resets it is
+  oracle     the oracle (ArmReachFamily.oracle_rewards): its tool distance by step on the resets it is
              scored on
 
 Each return is also split at step ARRIVAL (the oracle is there by then): what is lost on the way to the target,
@@ -227,7 +227,7 @@ def main() -> None:
         for key, label in (("policy", "meta policy's tool distance (cm)"),
                            ("observed", "tool distance, target observed (cm)"),
                            ("identified", "target-observed policy shown the target decoded from one episode (cm)"),
-                           ("oracle", "IK oracle's tool distance (cm)")):
+                           ("oracle", "oracle's tool distance (cm)")):
             if key in row:
                 m = row[key]
                 print(f"| {split} | {label} | {_cells(m['distance_cm'])} | {m['return']:.2f} | "
