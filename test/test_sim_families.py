@@ -9,7 +9,7 @@ import pytest
 
 from mql_ros.core.tasks import TaskFamily, resolve_family
 from mql_ros.sim.arm import ArmEnv, check_task
-from mql_ros.sim.families import ArmPayloadFamily, ArmReachFamily
+from mql_ros.sim.families import ORACLE_SWITCHES, ArmPayloadFamily, ArmReachFamily, _schedule_return, _schedule_returns
 
 FAMILIES = [ArmReachFamily, ArmPayloadFamily]
 
@@ -183,3 +183,32 @@ def test_oracle_schedule_beats_holding_one_command_under_a_heavy_payload():
     family = ArmPayloadFamily()
     task = family.ood_tasks()[0]  # 2.1 kg, 2.8x damping: pushing harder early gets the tool there sooner
     assert family.oracle_return(task, schedule_iters=20) > family.oracle_return(task, schedule_iters=0) + 0.2  # +0.31
+
+
+def _random_schedules(env: ArmEnv, n: int, seed: int) -> np.ndarray:
+    lower, upper = env.robot.command_lower[:-1], env.robot.command_upper[:-1]
+    return np.random.default_rng(seed).uniform(lower, upper, (n, len(ORACLE_SWITCHES) + 1, env.robot.n_arm))
+
+
+@pytest.mark.parametrize("reward", ["reach", "reach_smooth"])
+def test_batched_schedule_rollouts_return_exactly_what_stepping_the_env_returns(reward):
+    """The oracle's search scores its schedules through mujoco.rollout; the oracle must not change with it."""
+    family = ArmPayloadFamily(reward=reward)  # payload, damping and friction all differ from the URDF's
+    env = family.make_env(family.ood_tasks()[0])
+    population = _random_schedules(env, 6, seed=3)
+    stepped = [_schedule_return(env, schedule, 5) for schedule in population]
+    assert _schedule_returns(env, population, 5).tolist() == stepped
+    assert len(set(stepped)) == len(stepped)  # six different episodes, not one repeated
+
+
+def test_batched_schedule_rollouts_score_a_diverged_schedule_minus_infinity(monkeypatch):
+    family = ArmReachFamily()
+    env = family.make_env(family.test_tasks()[0])
+    population = _random_schedules(env, 3, seed=4)
+    population[:, :, 0] = 0.0
+    population[1, 3:, 0] = env.robot.command_upper[0]  # only this one swings its base to the limit
+    base = env.model.joint(env.robot.arm_joints[0]).qposadr[0]
+    monkeypatch.setattr(env, "implausible", lambda qpos, qvel: qpos[..., base] > 0.5)  # call that diverged
+    returns = _schedule_returns(env, population, 0)
+    assert returns[1] == -np.inf
+    assert np.all(np.isfinite(returns[[0, 2]]))

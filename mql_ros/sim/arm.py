@@ -200,6 +200,10 @@ class ArmEnv(gymnasium.Env):
     # ------------------------------------------------------------------ ROS path
     def apply_commands(self, arm_cmd, grip_cmd) -> None:
         """Absolute joint position targets (what /arm_controller/commands carries), clamped to the limits."""
+        self.data.ctrl[:] = self.servo_targets(arm_cmd, grip_cmd)
+
+    def servo_targets(self, arm_cmd, grip_cmd) -> np.ndarray:
+        """The actuator inputs (data.ctrl) that apply_commands sets for these commands."""
         arm = np.asarray(arm_cmd, dtype=np.float64).reshape(-1)
         grip = np.asarray(grip_cmd, dtype=np.float64).reshape(-1)
         if arm.shape[0] != self.robot.n_arm or grip.shape[0] != 1:
@@ -208,7 +212,7 @@ class ArmEnv(gymnasium.Env):
         cmd = np.concatenate([arm, grip])
         if not np.all(np.isfinite(cmd)):
             raise InputError(f"commands contain NaN or inf: {cmd.tolist()}")
-        self.data.ctrl[:] = np.clip(cmd, self.robot.command_lower, self.robot.command_upper)
+        return np.clip(cmd, self.robot.command_lower, self.robot.command_upper)
 
     def advance(self, seconds: float) -> bool:
         """Run the physics for `seconds` with the current targets; returns True if it had to reset.
@@ -249,16 +253,31 @@ class ArmEnv(gymnasium.Env):
 
     def distance(self) -> float:
         """Tool-to-target distance in metres."""
-        return float(np.linalg.norm(self.data.xpos[self._tool] - self._target))
+        return self._distance(self.data)
 
     def current_reward(self) -> float:
         """Dense reward of the current state: minus the tool-target distance (plus a motion cost)."""
-        reward = -self.distance()
+        return self.reward_of(self.data)
+
+    def reward_of(self, data: mujoco.MjData) -> float:
+        """current_reward of the state in `data` (its kinematics computed) instead of the env's own: what
+        scores states that mujoco.rollout simulated outside the env."""
+        reward = -self._distance(data)
         if self.reward_kind == "reach_smooth":
-            reward -= 0.01 * float(np.sum(self.data.qvel[self._arm_v] ** 2))
+            reward -= 0.01 * float(np.sum(data.qvel[self._arm_v] ** 2))
         return reward
 
+    def implausible(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        """Per row of (states, nq) positions and (states, nv) velocities: joints far outside their limits or
+        moving implausibly fast, a state the simulation cannot be trusted in."""
+        lo, hi = self.model.jnt_range[:, 0], self.model.jnt_range[:, 1]
+        return (np.any(qpos < lo - _LIMIT_SLACK, axis=-1) | np.any(qpos > hi + _LIMIT_SLACK, axis=-1)
+                | np.any(np.abs(qvel) > _MAX_SPEED, axis=-1))
+
     # ------------------------------------------------------------------ internals
+    def _distance(self, data: mujoco.MjData) -> float:
+        return float(np.linalg.norm(data.xpos[self._tool] - self._target))
+
     def _observation(self) -> np.ndarray:
         return self.robot.observation(*self.joint_state()).astype(np.float32)
 
@@ -272,9 +291,7 @@ class ArmEnv(gymnasium.Env):
             return "MuJoCo reported NaN, inf or a huge value in the joint state"
         if not (np.all(np.isfinite(d.qpos)) and np.all(np.isfinite(d.qvel))):
             return "non-finite joint state"
-        lo, hi = self.model.jnt_range[:, 0], self.model.jnt_range[:, 1]
-        if np.any(d.qpos < lo - _LIMIT_SLACK) or np.any(d.qpos > hi + _LIMIT_SLACK) \
-                or np.any(np.abs(d.qvel) > _MAX_SPEED):
+        if self.implausible(d.qpos, d.qvel):
             return "joints far outside their limits or moving implausibly fast"
         return None
 
