@@ -125,6 +125,15 @@ def test_speed_benchmark_reports_both_contenders_and_the_gru_path():
     assert res["step_latency_us"]["deployed_median"] > 0
 
 
+def test_oracle_search_benchmark_times_both_scorers_on_returns_it_found_identical():
+    out = _run("benchmarks/oracle_search.py", "--quick", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]  # it exits 1 when the two scorers' returns differ
+    res = _last_json(out.stdout)
+    assert res["rounds"] == 2 and res["population"] == 4
+    assert res["seconds_per_round"]["stepped"] > 0 and res["seconds_per_round"]["rollout"] > 0
+    assert "returns identical in every round" in out.stdout
+
+
 def test_preactivation_benchmark_trains_with_and_without_the_penalty():
     out = _run("benchmarks/preactivation.py", "--steps", "600", "--episodes", "1", "--json")
     assert out.returncode == 0, out.stderr[-2000:]

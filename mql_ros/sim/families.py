@@ -53,8 +53,8 @@ def _schedule_return(env: ArmEnv, commands: np.ndarray, reset_seed: int) -> floa
 
 def _schedule_returns(env: ArmEnv, population: np.ndarray, reset_seed: int) -> np.ndarray:
     """_schedule_return of every schedule in `population` (schedules, commands, n_arm), simulated together by
-    mujoco.rollout on every core: the same physics and rewards bit for bit (a test checks), in a third of
-    the time on 2 cores, which is what the oracle's search (1920 episodes a task) spends its time on.
+    mujoco.rollout on every core: the same physics and rewards bit for bit (a test checks), 2.6x as fast on
+    2 cores (benchmarks/oracle_search.py); the oracle's search simulates 1920 episodes a task.
 
     A schedule whose rollout leaves the plausible states (where env.step would reset the arm) scores -inf.
     """
