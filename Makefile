@@ -31,6 +31,7 @@ lint: install
 
 bench: install
 	$(RUN) $(PY) benchmarks/speed.py
+	$(RUN) $(PY) benchmarks/oracle_search.py
 	$(RUN) $(PY) benchmarks/adaptation.py
 	$(RUN) $(PY) benchmarks/validation_guard.py
 	$(RUN) $(PY) benchmarks/archive.py
