@@ -220,6 +220,20 @@ def test_a_state_stamped_further_ahead_of_the_clock_than_state_timeout_is_refuse
     assert "ahead of this node's clock" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
 
 
+def test_inputs_that_arrived_before_a_simulated_clock_moved_back_are_stale():
+    """Under use_sim_time a sim reset or a replayed bag moves the clock back: what arrived at sim time 50 must
+    not count as fresh again at sim time 0 (its age is negative, so `age <= timeout` alone passed it)."""
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    fresh_inputs(guard, 50.0)
+    assert guard.command(50.1, policy).hold == ""
+    assert guard.command(49.9, policy).hold == ""  # a tick that read the clock just before an input arrived
+    held = guard.command(0.0, policy)
+    assert "the clock moved back" in held.hold and np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4])
+    fresh_inputs(guard, 0.02)
+    assert guard.command(0.03, policy).hold == ""
+
+
 # ----------------------------------------------------------------------------- policy updates
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:

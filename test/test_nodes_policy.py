@@ -231,6 +231,56 @@ def test_policy_holds_on_states_stamped_too_long_ago_or_too_far_ahead_and_acts_o
         wait_command(probe, act, 5.0, "the policy acting again on freshly stamped states", atol=1e-5)
 
 
+def test_policy_under_use_sim_time_counts_state_age_in_sim_seconds_when_the_sim_runs_slower_than_real_time(
+        ros_graph, tiny_checkpoint):
+    """A simulator at a real-time factor of 0.07 (0.02 sim s per 0.3 s): each state is 0.15 s of wall time old
+    when the next /clock update fires the control timer, but 0.02 sim s old by its stamp. The timer counts in
+    sim seconds, so the timeouts must too: counted in wall seconds, state_timeout 0.1 held on every tick."""
+    import threading
+
+    from rclpy.time import Time
+    from rosgraph_msgs.msg import Clock
+
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, state_timeout=0.1, use_sim_time=True)
+    node = probe.node
+    clock_pub = node.create_publisher(Clock, "/clock", 10)
+    arm_pub = node.create_publisher(JointState, "joint_states", 10)
+    grip_pub = node.create_publisher(JointState, "gripper/joint_states", 10)
+    ctx_pub = node.create_publisher(Float32MultiArray, "mql/context", 10)
+    context = np.linspace(-0.5, 0.5, policy.context_dim).astype(np.float32)
+    stop = threading.Event()
+
+    def simulator() -> None:
+        sim_ns = 100 * 10**9
+        while not stop.is_set():
+            arm = JointState(name=list(ROBOT.arm_joints), position=ARM_Q.tolist(), velocity=[0.0] * 4)
+            arm.header.stamp = Time(nanoseconds=sim_ns).to_msg()
+            grip_pub.publish(JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(),
+                                        velocity=[0.0, 0.0]))
+            ctx_pub.publish(Float32MultiArray(data=context.tolist()))
+            arm_pub.publish(arm)
+            stop.wait(0.15)
+            sim_ns += 20 * 10**6  # one control period of 50 Hz: each /clock update is one tick
+            clock_pub.publish(Clock(clock=Time(nanoseconds=sim_ns).to_msg()))
+            stop.wait(0.15)
+
+    thread = threading.Thread(target=simulator, daemon=True)
+    thread.start()
+    try:
+        act = expected_commands(policy, context)
+        wait_command(probe, act, 30.0, "the policy acting on states fresh in sim time", atol=1e-5)
+        first = len(probe.received("arm_controller/commands"))
+        probe.wait_for(lambda: len(probe.received("arm_controller/commands")) >= first + 8, 20.0,
+                       "eight more ticks of the sim clock")
+        commands = probe.received("arm_controller/commands")[first - 1:]
+        held = [c.data for c in commands if not np.allclose(c.data, act[:ROBOT.n_arm], atol=1e-5)]
+        assert held == [], f"{len(held)} of {len(commands)} ticks held: {diagnostic_values(probe, 'policy')[-1]}"
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
     probe.wait_for(lambda: any("no joint state yet" in d["_message"]

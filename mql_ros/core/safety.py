@@ -141,6 +141,8 @@ class CommandGuard:
             if reading.value is None:
                 return f"no {name} yet"
             age = now - reading.stamp
+            if age < -timeout:  # a simulated clock moved back (a sim reset, a bag played again) since it arrived
+                return f"{name} arrived {-age:.3f} s ahead of now: the clock moved back since (timeout {timeout} s)"
             if not age <= timeout:
                 return f"{name} is {age:.3f} s old (timeout {timeout} s)"
         return ""

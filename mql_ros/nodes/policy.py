@@ -4,9 +4,10 @@ Safety rules (they hold whatever arrives on the wire; mql_ros.core.safety implem
 feeds it):
 - joints are matched by name; a state with NaN, missing joints or no velocities is rejected;
 - it holds position when the state is older than `state_timeout`, the last state was rejected, the context
-  is missing or older than `context_timeout`, or /mql/hold is on. Holding publishes the last valid measured
-  positions as targets (zero velocities in velocity mode); before the first valid state it publishes
-  nothing, because there is no safe target to command;
+  is missing or older than `context_timeout`, or /mql/hold is on (under use_sim_time the timeouts are sim
+  seconds, and a sim clock that moves back by more than a timeout makes earlier inputs stale). Holding
+  publishes the last valid measured positions as targets (zero velocities in velocity mode); before the
+  first valid state it publishes nothing, because there is no safe target to command;
 - every command is clamped to the URDF joint limits, rate limited (`max_arm_step`, `max_gripper_step`
   per command) and finite, or it is not published;
 - a new checkpoint from /mql/policy_update replaces the running one only after DeployedPolicy validated it
@@ -134,7 +135,7 @@ class PolicyNode(LifecycleNode):
         age = (self.get_clock().now().nanoseconds - stamp) * 1e-9 if stamp else None
         try:
             with self._lock:
-                self.guard.set_joint_state(which, msg.name, msg.position, msg.velocity, time.monotonic(), age)
+                self.guard.set_joint_state(which, msg.name, msg.position, msg.velocity, self._now(), age)
         except InputError as exc:
             self.diag.reject("joint_state" if which == "arm" else "gripper_state", str(exc))
 
@@ -153,7 +154,7 @@ class PolicyNode(LifecycleNode):
     def _on_context(self, msg: Float32MultiArray) -> None:
         try:
             with self._lock:
-                self.guard.set_context(msg.data, self.policy.context_dim, time.monotonic())
+                self.guard.set_context(msg.data, self.policy.context_dim, self._now())
         except InputError as exc:
             self.diag.reject("context", str(exc))
 
@@ -192,8 +193,15 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"loaded checkpoint {path} ({sha[:12]})")
 
     # ------------------------------------------------------------------ the control tick
+    def _now(self) -> float:
+        """The clock the freshness rules count in, s: under use_sim_time the node's (simulated) clock, the one the
+        header stamps and the control timer count in, so the timeouts are sim seconds whatever the real-time
+        factor; otherwise the monotonic clock, which a wall-clock jump cannot move."""
+        clock = self.get_clock()
+        return clock.now().nanoseconds * 1e-9 if clock.ros_time_is_active else time.monotonic()
+
     def _tick(self, from_state: bool) -> None:
-        now = time.monotonic()
+        now = self._now()
         with self._lock:
             policy = self.policy
             if self.trigger_mode == "state" and not from_state and not self.guard.hold_reason(now, policy):
