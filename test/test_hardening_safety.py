@@ -234,6 +234,23 @@ def test_inputs_that_arrived_before_a_simulated_clock_moved_back_are_stale():
     assert guard.command(0.03, policy).hold == ""
 
 
+def test_expired_inputs_hold_on_the_last_measured_positions_until_each_is_replaced():
+    """A sim clock that moved back by less than a timeout leaves ages that look fresh; the node's clock jump
+    callback expires the inputs instead, and each must arrive again before the policy acts."""
+    policy = deployed(WEIGHTS)
+    guard = CommandGuard(ROBOT, SafetyLimits(0.2, 0.5, 10.0, 1.0))
+    fresh_inputs(guard, 50.0)
+    guard.expire_inputs("it arrived before the clock moved back 0.050 s")
+    held = guard.command(49.96, policy)  # every age is within its timeout
+    assert held.hold == "joint state is stale: it arrived before the clock moved back 0.050 s"
+    assert np.allclose(held.arm, [0.1, 0.2, 0.3, 0.4]) and np.allclose(held.gripper, [0.01])
+    guard.set_joint_state("arm", ROBOT.arm_joints, [0.1, 0.2, 0.3, 0.4], [0.0] * 4, 49.97)
+    guard.set_joint_state("gripper", ROBOT.gripper_joints, [0.01, 0.01], [0.0, 0.0], 49.97)
+    assert guard.command(49.98, policy).hold.startswith("context is stale")
+    guard.set_context(np.zeros(3), 3, 49.99)
+    assert guard.command(50.0, policy).hold == ""
+
+
 # ----------------------------------------------------------------------------- policy updates
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:

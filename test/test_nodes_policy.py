@@ -28,14 +28,20 @@ ARM_Q = np.array([0.1, -0.2, 0.3, -0.4])
 GRIP_Q = np.array([0.01, 0.01])
 
 
+def input_publishers(probe) -> tuple:
+    """Publishers of what the policy acts on: arm state, gripper state, context."""
+    node = probe.node
+    return (node.create_publisher(JointState, "joint_states", 10),
+            node.create_publisher(JointState, "gripper/joint_states", 10),
+            node.create_publisher(Float32MultiArray, "mql/context", 10))
+
+
 class FakeRobot:
     """Publishes arm/gripper state and a context from the test process, at a steady rate in a thread."""
 
     def __init__(self, probe, context_dim: int):
         node = probe.node
-        self.arm_pub = node.create_publisher(JointState, "joint_states", 10)
-        self.grip_pub = node.create_publisher(JointState, "gripper/joint_states", 10)
-        self.ctx_pub = node.create_publisher(Float32MultiArray, "mql/context", 10)
+        self.arm_pub, self.grip_pub, self.ctx_pub = input_publishers(probe)
         self.context = np.linspace(-0.5, 0.5, context_dim).astype(np.float32)
         self.arm_q = ARM_Q.copy()
         self.names = list(ROBOT.arm_joints)
@@ -231,6 +237,33 @@ def test_policy_holds_on_states_stamped_too_long_ago_or_too_far_ahead_and_acts_o
         wait_command(probe, act, 5.0, "the policy acting again on freshly stamped states", atol=1e-5)
 
 
+class SimulatedClock:
+    """Plays a simulator under use_sim_time from the test process: /clock, and inputs stamped in sim time."""
+
+    def __init__(self, probe, context_dim: int):
+        from rosgraph_msgs.msg import Clock
+
+        self.clock_pub = probe.node.create_publisher(Clock, "/clock", 10)
+        self.arm_pub, self.grip_pub, self.ctx_pub = input_publishers(probe)
+        self.context = np.linspace(-0.5, 0.5, context_dim).astype(np.float32)
+
+    def publish_inputs(self, sim_ns: int) -> None:
+        from rclpy.time import Time
+
+        arm = JointState(name=list(ROBOT.arm_joints), position=ARM_Q.tolist(), velocity=[0.0] * 4)
+        arm.header.stamp = Time(nanoseconds=sim_ns).to_msg()
+        self.grip_pub.publish(JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(),
+                                         velocity=[0.0, 0.0]))
+        self.ctx_pub.publish(Float32MultiArray(data=self.context.tolist()))
+        self.arm_pub.publish(arm)
+
+    def set_clock(self, sim_ns: int) -> None:
+        from rclpy.time import Time
+        from rosgraph_msgs.msg import Clock
+
+        self.clock_pub.publish(Clock(clock=Time(nanoseconds=sim_ns).to_msg()))
+
+
 def test_policy_under_use_sim_time_counts_state_age_in_sim_seconds_when_the_sim_runs_slower_than_real_time(
         ros_graph, tiny_checkpoint):
     """A simulator at a real-time factor of 0.07 (0.02 sim s per 0.3 s): each state is 0.15 s of wall time old
@@ -238,37 +271,24 @@ def test_policy_under_use_sim_time_counts_state_age_in_sim_seconds_when_the_sim_
     sim seconds, so the timeouts must too: counted in wall seconds, state_timeout 0.1 held on every tick."""
     import threading
 
-    from rclpy.time import Time
-    from rosgraph_msgs.msg import Clock
-
     policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, state_timeout=0.1, use_sim_time=True)
-    node = probe.node
-    clock_pub = node.create_publisher(Clock, "/clock", 10)
-    arm_pub = node.create_publisher(JointState, "joint_states", 10)
-    grip_pub = node.create_publisher(JointState, "gripper/joint_states", 10)
-    ctx_pub = node.create_publisher(Float32MultiArray, "mql/context", 10)
-    context = np.linspace(-0.5, 0.5, policy.context_dim).astype(np.float32)
+    sim = SimulatedClock(probe, policy.context_dim)
     stop = threading.Event()
 
     def simulator() -> None:
         sim_ns = 100 * 10**9
         while not stop.is_set():
-            arm = JointState(name=list(ROBOT.arm_joints), position=ARM_Q.tolist(), velocity=[0.0] * 4)
-            arm.header.stamp = Time(nanoseconds=sim_ns).to_msg()
-            grip_pub.publish(JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(),
-                                        velocity=[0.0, 0.0]))
-            ctx_pub.publish(Float32MultiArray(data=context.tolist()))
-            arm_pub.publish(arm)
+            sim.publish_inputs(sim_ns)
             stop.wait(0.15)
             sim_ns += 20 * 10**6  # one control period of 50 Hz: each /clock update is one tick
-            clock_pub.publish(Clock(clock=Time(nanoseconds=sim_ns).to_msg()))
+            sim.set_clock(sim_ns)
             stop.wait(0.15)
 
     thread = threading.Thread(target=simulator, daemon=True)
     thread.start()
     try:
-        act = expected_commands(policy, context)
+        act = expected_commands(policy, sim.context)
         wait_command(probe, act, 30.0, "the policy acting on states fresh in sim time", atol=1e-5)
         first = len(probe.received("arm_controller/commands"))
         probe.wait_for(lambda: len(probe.received("arm_controller/commands")) >= first + 8, 20.0,
@@ -279,6 +299,49 @@ def test_policy_under_use_sim_time_counts_state_age_in_sim_seconds_when_the_sim_
     finally:
         stop.set()
         thread.join()
+
+
+def test_policy_holds_from_a_sim_clock_jump_back_shorter_than_state_timeout_until_new_inputs_arrive(
+        ros_graph, tiny_checkpoint):
+    """A sim reset moves /clock back 0.04 s with state_timeout 0.1: the last state's age becomes -0.02 s and
+    stays within the timeout for five ticks, so by ages alone the policy would act on a pre-reset state. The
+    clock jump callback expires it: every tick holds on the last measured positions until inputs come again."""
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, state_timeout=0.1, use_sim_time=True)
+    sim = SimulatedClock(probe, policy.context_dim)
+    act = expected_commands(policy, sim.context)
+    hold = np.concatenate([ARM_Q, GRIP_Q[:1]])
+    period = 20 * 10**6  # one tick of 50 Hz
+    sim_ns = 100 * 10**9
+
+    def tick(with_inputs: bool) -> None:
+        nonlocal sim_ns
+        if with_inputs:
+            sim.publish_inputs(sim_ns)
+            time.sleep(0.05)
+        sim_ns += period
+        sim.set_clock(sim_ns)
+        time.sleep(0.1)
+
+    deadline = time.monotonic() + 30.0
+    while not (latest_command(probe) is not None and np.allclose(latest_command(probe), act, atol=1e-5)):
+        assert time.monotonic() < deadline, f"the policy never acted: {diagnostic_values(probe, 'policy')[-1:]}"
+        tick(with_inputs=True)
+    time.sleep(0.5)  # the clock stands still: no tick, and what was published has arrived
+    before = len(probe.received("arm_controller/commands"))
+    sim_ns -= 2 * period  # the jump back: the last inputs were stamped one period before the clock
+    sim.set_clock(sim_ns)
+    time.sleep(0.1)
+    for _ in range(5):
+        tick(with_inputs=False)
+    after_jump = probe.received("arm_controller/commands")[before:]
+    acted = [list(c.data) for c in after_jump if not np.allclose(c.data, hold[:ROBOT.n_arm], atol=1e-9)]
+    assert len(after_jump) >= 3 and acted == [], (f"{len(acted)} of {len(after_jump)} ticks after the jump acted "
+                                                  f"on inputs from before it: {acted}")
+    assert "the clock moved back 0.040 s: holding" in ros_graph.logs()
+    for _ in range(3):
+        tick(with_inputs=True)
+    wait_command(probe, act, 5.0, "the policy acting again on inputs from after the jump", atol=1e-5)
 
 
 def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):

@@ -2,7 +2,8 @@
 
 The rules hold whatever arrives on the wire and whatever the weights are:
 - a command is computed only from an arm state, a gripper state and a context that are valid and fresh
-  (younger than `state_timeout` / `context_timeout`); otherwise the loop holds;
+  (younger than `state_timeout` / `context_timeout`, and received since the clock last jumped); otherwise
+  the loop holds;
 - holding commands the last valid measured positions (clamped to the limits); before any valid state there
   is no safe target, so nothing is commanded;
 - an acting command is finite, clamped to the URDF joint limits and then rate limited: no joint moves more
@@ -28,17 +29,21 @@ from mql_ros.core.runtime import DeployedPolicy
 @dataclass
 class Reading:
     """The latest valid value of one input, when it was measured (or arrived, if earlier unknown; a monotonic
-    clock), or why the last was refused."""
+    clock), why the last was refused, or why the value, though valid, no longer counts as fresh."""
 
     value: object = None
     stamp: float = -np.inf
     fault: str = ""
+    stale: str = ""
 
     def accept(self, value: object, now: float) -> None:
-        self.value, self.stamp, self.fault = value, now, ""
+        self.value, self.stamp, self.fault, self.stale = value, now, "", ""
 
     def refuse(self, reason: str) -> None:
         self.fault = reason
+
+    def expire(self, reason: str) -> None:
+        self.stale = reason
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,13 @@ class CommandGuard:
         """Forget the last command (the next one is rate limited from the measured positions)."""
         self._last = None
 
+    def expire_inputs(self, reason: str) -> None:
+        """Make every input stale until a new one arrives, keeping its value so holding still commands the last
+        measured positions. For a clock jump (a sim reset, a bag played again): the stamps now count on another
+        timeline, and a jump back by less than a timeout would otherwise pass them as fresh again."""
+        for reading in (self.arm, self.gripper, self.context):
+            reading.expire(reason)
+
     def set_joint_state(self, which: str, names, positions, velocities, now: float,
                         measured_age: float | None = None) -> None:
         """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed, or if
@@ -140,6 +152,8 @@ class CommandGuard:
                 return f"last {name} rejected: {reading.fault}"
             if reading.value is None:
                 return f"no {name} yet"
+            if reading.stale:
+                return f"{name} is stale: {reading.stale}"
             age = now - reading.stamp
             if age < -timeout:  # a simulated clock moved back (a sim reset, a bag played again) since it arrived
                 return f"{name} arrived {-age:.3f} s ahead of now: the clock moved back since (timeout {timeout} s)"

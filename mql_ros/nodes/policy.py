@@ -5,7 +5,8 @@ feeds it):
 - joints are matched by name; a state with NaN, missing joints or no velocities is rejected;
 - it holds position when the state is older than `state_timeout`, the last state was rejected, the context
   is missing or older than `context_timeout`, or /mql/hold is on (under use_sim_time the timeouts are sim
-  seconds, and a sim clock that moves back by more than a timeout makes earlier inputs stale). Holding
+  seconds, and when the sim clock moves back, or use_sim_time is switched, every earlier input is stale:
+  rclpy's clock jump callback says so, however small the jump). Holding
   publishes the last valid measured positions as targets (zero velocities in velocity mode); before the
   first valid state it publishes nothing, because there is no safe target to command;
 - every command is clamped to the URDF joint limits, rate limited (`max_arm_step`, `max_gripper_step`
@@ -20,6 +21,8 @@ import threading
 import time
 
 import numpy as np
+from rclpy.clock import ClockChange, JumpThreshold, TimeJump
+from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String
@@ -87,6 +90,10 @@ class PolicyNode(LifecycleNode):
         self._update_lock = threading.Lock()
         self.guard = CommandGuard(self.robot, SafetyLimits(self.state_timeout, self.context_timeout,
                                                            max_arm_step, max_gripper_step))
+        # any jump back (the threshold is 1 ns) or change of time source, not only one larger than a timeout
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1)),
+            post_callback=self._on_clock_jump)
         self._ticks = 0
         self._held = 0
         self._timer = None
@@ -157,6 +164,18 @@ class PolicyNode(LifecycleNode):
                 self.guard.set_context(msg.data, self.policy.context_dim, self._now())
         except InputError as exc:
             self.diag.reject("context", str(exc))
+
+    def _on_clock_jump(self, jump: TimeJump) -> None:
+        """The stamps of every input held now count on the clock's old timeline: none is fresh until replaced."""
+        if jump.clock_change == ClockChange.ROS_TIME_ACTIVATED:
+            what = "the clock switched to simulated time"
+        elif jump.clock_change == ClockChange.ROS_TIME_DEACTIVATED:
+            what = "the clock switched to system time"
+        else:
+            what = f"the clock moved back {-jump.delta.nanoseconds * 1e-9:.3f} s"
+        with self._lock:
+            self.guard.expire_inputs(f"it arrived before {what}; holding until a new one arrives")
+        self.get_logger().warn(f"{what}: holding until new states and context arrive")
 
     def _on_hold(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         with self._lock:
