@@ -9,10 +9,13 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
                lambda where it uses ESS: the ablation that decides the default
   (MQL uses the checkpoint's adaptation config, with any --adapt-set KEY=VALUE overrides.)
   fine-tuning  the same episode, the same TD3 iterations, no archive / propensity / proximal term
+  proximal fine-tuning  fine-tuning with MQL's proximal pull toward the meta weights (its lambda rule; no
+               archive, so "ess" uses the no-archive ESS): what MQL gains over it is the archive's share
   oracle       a per-task oracle that knows the task: the family's `oracle_return(task)` where it has one
                (arm families: the best held joint target found by sampled inverse kinematics, corrected on
-               the real task for the servos' gravity sag, on arm_payload refined into a 4-command schedule,
-               scored over 20 random resets; point_goal: the exact optimum), computed once per split;
+               the real task for the servos' gravity sag, with the approach's first commands searched by the
+               cross-entropy method on the true task, scored over 20 random resets; point_goal: the exact
+               optimum), computed once per split;
                otherwise a per-task policy trained from the meta weights on abundant data of that task alone
                (--oracle-episodes, --oracle-updates)
 gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means (n/a where the oracle
@@ -43,8 +46,8 @@ from mql_ros.core.snapshots import rollout_snapshots
 from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
 from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config, rollout
 
-METHODS = ("zero-shot", "MQL", "MQL other-lambda", "fine-tuning", "oracle")
-ADAPTED = ("MQL", "MQL other-lambda", "fine-tuning")
+METHODS = ("zero-shot", "MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning", "oracle")
+ADAPTED = ("MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning")
 MIN_GAP = 1e-9  # return units: how much the oracle must beat zero-shot by for a gap closed to be reported
 
 
@@ -155,6 +158,9 @@ def main() -> None:
                                                               seed=seed, split=split)[0])
             cells["fine-tuning"].append(evaluate_adapted(agent, family, tasks, None, finetune_config(cfg),
                                                          args.episodes, seed=seed, split=split)[0])
+            proximal_only = replace(cfg, use_archive=False, use_propensity=False)
+            cells["proximal fine-tuning"].append(evaluate_adapted(agent, family, tasks, None, proximal_only,
+                                                                  args.episodes, seed=seed, split=split)[0])
             cells["oracle"].append(family_oracle if family_oracle is not None else trained_oracle_returns(
                 agent, family, tasks, split, args.episodes, args.oracle_episodes, args.oracle_updates, seed))
             print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "

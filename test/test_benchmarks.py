@@ -38,9 +38,10 @@ def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_t
     assert "| split | tasks | zero-shot | MQL |" in out.stdout
     row = _last_json(out.stdout)["test"]
     assert row["tasks"] == 1 and row["seeds"] == 1
-    assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning"}
+    assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning"}
     assert all(math.isfinite(v) for v in row["mean"].values())
-    assert set(row["gap_closed_90"]) == {"MQL", "MQL other-lambda", "fine-tuning", "MQL - fine-tuning"}
+    assert set(row["gap_closed_90"]) == {"MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning",
+                                         "MQL - fine-tuning"}
     assert "90% bootstrap intervals of the gap closed" in out.stdout
 
 
@@ -62,17 +63,20 @@ def adaptation_benchmark(monkeypatch):
 
 
 def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies(adaptation_benchmark):
-    const = {"zero-shot": -4.0, "MQL": -3.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
+    const = {"zero-shot": -4.0, "MQL": -3.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5,
+             "proximal fine-tuning": -3.25, "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in const.items()}
     got = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=200)
     assert got["MQL"] == pytest.approx([0.5, 0.5])
     assert got["fine-tuning"] == pytest.approx([0.25, 0.25])
+    assert got["proximal fine-tuning"] == pytest.approx([0.375, 0.375])
     assert got["MQL - fine-tuning"] == pytest.approx([0.25, 0.25])
 
 
 def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate(adaptation_benchmark):
     rng = np.random.default_rng(1)
-    base = {"zero-shot": -4.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "oracle": -2.0}
+    base = {"zero-shot": -4.0, "MQL other-lambda": -3.5, "fine-tuning": -3.5, "proximal fine-tuning": -3.5,
+            "oracle": -2.0}
     cells = {m: np.full((3, 5), v) for m, v in base.items()}
     widths = []
     for spread in (0.1, 1.0):
@@ -85,7 +89,8 @@ def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimat
 
 
 def test_gap_closed_is_not_a_number_when_zero_shot_already_beats_the_oracle(adaptation_benchmark):
-    means = {"zero-shot": -2.9, "MQL": -2.8, "MQL other-lambda": -3.0, "fine-tuning": -3.5, "oracle": -3.0}
+    means = {"zero-shot": -2.9, "MQL": -2.8, "MQL other-lambda": -3.0, "fine-tuning": -3.5,
+             "proximal fine-tuning": -3.2, "oracle": -3.0}
     assert all(math.isnan(v) for v in adaptation_benchmark.gap_closed(means).values())
     cells = {m: np.full((3, 5), v) for m, v in means.items()}
     got = adaptation_benchmark.gap_intervals(cells, np.random.default_rng(0), reps=50)
@@ -96,7 +101,8 @@ def test_gap_closed_is_not_a_number_when_zero_shot_already_beats_the_oracle(adap
 
 def test_gap_intervals_are_not_a_number_when_the_gap_itself_is_within_the_task_spread(adaptation_benchmark):
     cells = {m: np.full((3, 5), v) for m, v in
-             {"zero-shot": -3.0, "MQL": -2.97, "MQL other-lambda": -3.0, "fine-tuning": -3.1}.items()}
+             {"zero-shot": -3.0, "MQL": -2.97, "MQL other-lambda": -3.0, "fine-tuning": -3.1,
+              "proximal fine-tuning": -3.05}.items()}
     cells["oracle"] = np.tile([-2.5, -3.4, -2.9, -3.3, -2.6], (3, 1))  # mean -2.94: a gap of 0.06 on average only
     means = {m: float(v.mean()) for m, v in cells.items()}
     assert adaptation_benchmark.gap_closed(means)["MQL"] == pytest.approx(0.5)
