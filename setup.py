@@ -47,6 +47,6 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [f"{PACKAGE.replace('_', '-')}={PACKAGE}.cli:main"]
-        + [f"mql-ros-{node.replace('_', '-')}={PACKAGE}.nodes.{node}:main" for node in NODES],
+        + [f"mql-ros-{node.replace('_', '-')}={PACKAGE}.nodes.entry:{node}" for node in NODES],
     },
 )

@@ -39,7 +39,7 @@ def node_command(node: str) -> list[str]:
     if installed and exe.is_file() and os.access(exe, os.X_OK):
         return [sys.executable, str(exe)]
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            f"from mql_ros.nodes.{node} import main; sys.exit(main())"]
+            f"from mql_ros.nodes.entry import run; sys.exit(run({node!r}))"]
 
 
 class NodeProcess:

@@ -268,6 +268,31 @@ def test_a_signal_while_the_node_loads_a_large_archive_stops_the_load_and_the_no
     assert f"episodes from {replay}" not in log, f"the load ended before the signal: a larger archive\n{log[-2000:]}"
     assert "loading the archive stopped before" in log and elapsed < 4.0, f"{elapsed:.1f} s\n{log[-3000:]}"
 
+def caught_signals(pid: int) -> int:
+    """The mask of signals the process has handlers for (Linux /proc), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    return next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_node_signalled_while_it_still_imports_exits_0_without_starting(ros_graph, tiny_checkpoint, sig):
+    """A launch shut down within a second of starting signals nodes still importing rclpy and torch; they
+    died of the signal (exit -2 / -15), which launch reports as a crash. The entry point's SIGTERM handler,
+    the first thing it installs, shows in /proc when the imports begin: the signal is sent then."""
+    node = ros_graph.start("policy", checkpoint=str(tiny_checkpoint))
+    deadline = time.monotonic() + 30.0
+    while not caught_signals(node.proc.pid) & (1 << (signal.SIGTERM - 1)):
+        assert node.proc.poll() is None and time.monotonic() < deadline, node.log()[-3000:]
+        time.sleep(0.001)
+    node.interrupt(sig)
+    assert node.proc.wait(15) == 0, f"exit status {node.proc.returncode}\n{node.log()[-3000:]}"
+    assert f"policy: {sig.name} before the node started" in node.log(), node.log()[-3000:]
+
+
 @pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
                          ids=["SIGTERM", "SIGINT", "SIGINT-twice"])
 def test_every_node_exits_0_promptly_on_a_signal_and_the_open_bag_is_finished(ros_graph, tiny_checkpoint, sig,
