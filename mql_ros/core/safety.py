@@ -28,7 +28,7 @@ from mql_ros.core.runtime import DeployedPolicy
 
 @dataclass
 class Reading:
-    """The latest valid value of one input, when it was measured (or arrived, if earlier unknown; a monotonic
+    """The latest valid value of one input, when it was measured (or arrived, if earlier unknown; on the guard's
     clock), why the last was refused, or why the value, though valid, no longer counts as fresh."""
 
     value: object = None
