@@ -20,7 +20,7 @@ For each held-out (test) and out-of-distribution (ood) task of a family, and for
                (--oracle-episodes, --oracle-updates)
 gap closed = (method - zero-shot) / (oracle - zero-shot), computed on the split means (n/a where the oracle
 is not above zero-shot: there is no gap to close, and a fraction of a negative one flips sign), with a 90% bootstrap
-interval (tasks resampled, then seeds within each task) for it and for MQL's lead over fine-tuning: with a
+interval (tasks resampled, then seeds within each task) for it and for MQL's lead over each fine-tuning: with a
 handful of tasks one adaptation can move a task's return by more than the whole gap.
 
 The seed changes the new-task episode's and the evaluation episodes' initial states, the snapshot rollouts
@@ -48,6 +48,7 @@ from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config, r
 
 METHODS = ("zero-shot", "MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning", "oracle")
 ADAPTED = ("MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning")
+LEADS = (("MQL", "fine-tuning"), ("MQL", "proximal fine-tuning"))
 MIN_GAP = 1e-9  # return units: how much the oracle must beat zero-shot by for a gap closed to be reported
 
 
@@ -82,14 +83,15 @@ def gap_closed(means: dict[str, float], adapted: tuple[str, ...] = ADAPTED) -> d
 
 
 def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: int = 2000,
-                  adapted: tuple[str, ...] = ADAPTED, lead: tuple[str, str] | None = ("MQL", "fine-tuning")) -> dict:
-    """90% bootstrap intervals of each adapted method's gap closed and of the `lead` of one over another (as a
-    share of the gap). cells[method] holds seeds x tasks returns; tasks are resampled, then seeds within
-    each drawn task, since a task's returns over seeds are not independent of each other. NaN when more than
-    5% of the draws have the oracle not above zero-shot (gap_closed has no value there): then the gap's own
-    interval reaches zero, a fraction of it is unbounded, and dropping those draws would hide that."""
+                  adapted: tuple[str, ...] = ADAPTED, leads: tuple[tuple[str, str], ...] = LEADS) -> dict:
+    """90% bootstrap intervals of each adapted method's gap closed and of each of the `leads` of one method
+    over another (as a share of the gap). cells[method] holds seeds x tasks returns; tasks are resampled, then
+    seeds within each drawn task, since a task's returns over seeds are not independent of each other. NaN
+    when more than 5% of the draws have the oracle not above zero-shot (gap_closed has no value there): then
+    the gap's own interval reaches zero, a fraction of it is unbounded, and dropping those draws would hide
+    that."""
     n_seeds, n_tasks = cells["zero-shot"].shape
-    draws: dict[str, list[float]] = {m: [] for m in (*adapted, *([f"{lead[0]} - {lead[1]}"] if lead else []))}
+    draws: dict[str, list[float]] = {m: [] for m in (*adapted, *(f"{a} - {b}" for a, b in leads))}
     no_gap = 0
     for _ in range(reps):
         t = rng.integers(0, n_tasks, size=n_tasks)
@@ -101,15 +103,15 @@ def gap_intervals(cells: dict[str, np.ndarray], rng: np.random.Generator, reps: 
             continue
         for m in adapted:
             draws[m].append(closed[m])
-        if lead:
-            draws[f"{lead[0]} - {lead[1]}"].append(closed[lead[0]] - closed[lead[1]])
+        for a, b in leads:
+            draws[f"{a} - {b}"].append(closed[a] - closed[b])
     if no_gap > 0.05 * reps:
         return {m: [float("nan")] * 2 for m in draws}
     return {m: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] for m, v in draws.items()}
 
 
 def split_row(cells: dict[str, list], adapted: tuple[str, ...] = ADAPTED,
-              lead: tuple[str, str] | None = ("MQL", "fine-tuning")) -> dict:
+              leads: tuple[tuple[str, str], ...] = LEADS) -> dict:
     """One split's table row from cells[method] = per seed, the per-task returns: means, spread over seeds, gap
     closed with its bootstrap interval, and the per-task returns (for --json)."""
     arrays = {m: np.asarray(v, dtype=np.float64) for m, v in cells.items()}
@@ -118,7 +120,7 @@ def split_row(cells: dict[str, list], adapted: tuple[str, ...] = ADAPTED,
     return {"tasks": n_tasks, "seeds": n_seeds, "mean": means,
             "std_over_seeds": {m: float(v.mean(axis=1).std()) for m, v in arrays.items()},
             "gap_closed": gap_closed(means, adapted),
-            "gap_closed_90": gap_intervals(arrays, np.random.default_rng(0), adapted=adapted, lead=lead),
+            "gap_closed_90": gap_intervals(arrays, np.random.default_rng(0), adapted=adapted, leads=leads),
             "per_task": {m: v.tolist() for m, v in arrays.items()}}
 
 
@@ -179,8 +181,8 @@ def main() -> None:
         gaps = " | ".join(fraction_cell(row["gap_closed"][m]) for m in ADAPTED)
         print(f"| {split} | {row['tasks']} | {returns} | {gaps} |")
     print("\n90% bootstrap intervals of the gap closed (tasks resampled, then seeds within each task):")
-    print(f"| split | {' | '.join(ADAPTED)} | MQL - fine-tuning |")
-    print("|---|" + "---|" * (len(ADAPTED) + 1))
+    print(f"| split | {' | '.join(ADAPTED)} | " + " | ".join(f"{a} - {b}" for a, b in LEADS) + " |")
+    print("|---|" + "---|" * (len(ADAPTED) + len(LEADS)))
     for split, row in table.items():
         print(f"| {split} | " + " | ".join(f"[{fraction_cell(lo)}, {fraction_cell(hi)}]"
                                            for lo, hi in row["gap_closed_90"].values()) + " |")

@@ -94,7 +94,7 @@ def main() -> None:
             cells["oracle"].append(oracle)
             print(f"[{time.perf_counter() - start:6.0f} s] {split} seed {seed}: "
                   + ", ".join(f"{m} {np.mean(cells[m][-1]):.2f}" for m in METHODS), flush=True)
-        table[split] = split_row(cells, ADAPTED, lead=None)
+        table[split] = split_row(cells, ADAPTED, leads=())
 
     print(f"\nmeta policy {path}; told policy {args.observed_checkpoint}; {args.seeds} seeds; {args.episodes} eval "
           "episodes per task; oracle: arm_reach.oracle_return")

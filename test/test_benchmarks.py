@@ -41,7 +41,7 @@ def test_adaptation_benchmark_runs_end_to_end_with_adapt_overrides_and_reports_t
     assert set(row["gap_closed"]) == {"MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning"}
     assert all(math.isfinite(v) for v in row["mean"].values())
     assert set(row["gap_closed_90"]) == {"MQL", "MQL other-lambda", "fine-tuning", "proximal fine-tuning",
-                                         "MQL - fine-tuning"}
+                                         "MQL - fine-tuning", "MQL - proximal fine-tuning"}
     assert "90% bootstrap intervals of the gap closed" in out.stdout
 
 
@@ -71,6 +71,7 @@ def test_gap_intervals_collapse_to_the_point_value_when_no_cell_varies(adaptatio
     assert got["fine-tuning"] == pytest.approx([0.25, 0.25])
     assert got["proximal fine-tuning"] == pytest.approx([0.375, 0.375])
     assert got["MQL - fine-tuning"] == pytest.approx([0.25, 0.25])
+    assert got["MQL - proximal fine-tuning"] == pytest.approx([0.125, 0.125])
 
 
 def test_gap_intervals_widen_with_task_to_task_spread_and_hold_the_point_estimate(adaptation_benchmark):
