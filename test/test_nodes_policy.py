@@ -13,7 +13,9 @@ pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.duration import Duration  # noqa: E402
+from rclpy.time import Time  # noqa: E402
 from rosgraph_helpers import diagnostic_values  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float32MultiArray, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
@@ -241,15 +243,11 @@ class SimulatedClock:
     """Plays a simulator under use_sim_time from the test process: /clock, and inputs stamped in sim time."""
 
     def __init__(self, probe, context_dim: int):
-        from rosgraph_msgs.msg import Clock
-
         self.clock_pub = probe.node.create_publisher(Clock, "/clock", 10)
         self.arm_pub, self.grip_pub, self.ctx_pub = input_publishers(probe)
         self.context = np.linspace(-0.5, 0.5, context_dim).astype(np.float32)
 
     def publish_inputs(self, sim_ns: int) -> None:
-        from rclpy.time import Time
-
         arm = JointState(name=list(ROBOT.arm_joints), position=ARM_Q.tolist(), velocity=[0.0] * 4)
         arm.header.stamp = Time(nanoseconds=sim_ns).to_msg()
         self.grip_pub.publish(JointState(name=list(ROBOT.gripper_joints), position=GRIP_Q.tolist(),
@@ -258,9 +256,6 @@ class SimulatedClock:
         self.arm_pub.publish(arm)
 
     def set_clock(self, sim_ns: int) -> None:
-        from rclpy.time import Time
-        from rosgraph_msgs.msg import Clock
-
         self.clock_pub.publish(Clock(clock=Time(nanoseconds=sim_ns).to_msg()))
 
 
