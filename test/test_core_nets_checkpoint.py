@@ -1,5 +1,7 @@
 """Checkpoints round-trip bit-exactly; every bad file is a CheckpointError naming it; DeployedPolicy = torch."""
 
+import hashlib
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,7 +226,7 @@ def test_weights_of_the_wrong_shape_name_the_tensor_and_both_shapes_on_one_line(
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(_edited(tmp_path, payload, weights={**payload["weights"], "nets": nets}))
     message = str(err.value)
-    assert "size mismatch for actor.net.0.weight" in message and "torch.Size([3, 3]) from checkpoint" in message
+    assert "size mismatch for actor.net.0.weight: (3, 3) in the checkpoint, (" in message
     assert "\n" not in message
 
 
@@ -241,3 +243,40 @@ def test_a_zero_negative_or_non_finite_context_input_scale_is_a_checkpoint_error
     with pytest.raises(CheckpointError, match="input_scale") as err:
         load_checkpoint(_edited(tmp_path, payload))
     assert message in str(err.value)
+
+
+def test_a_config_asking_for_huge_layers_is_refused_before_any_network_is_allocated(tmp_path, good):
+    _, payload = good
+    huge = {**payload["config"], "hidden_sizes": [2**24] * len(payload["config"]["hidden_sizes"])}  # ~1 PiB
+    with pytest.raises(CheckpointError, match="do not fit the checkpoint's config: nets: size mismatch for "
+                                              "actor.net.0.weight: .* in the checkpoint, .16777216, "):
+        load_checkpoint(_edited(tmp_path, payload, config=huge))
+    beyond = {**payload["config"], "hidden_sizes": [2**40], "context_dim": 2**40}
+    with pytest.raises(CheckpointError, match="its config builds no networks"):
+        load_checkpoint(_edited(tmp_path, payload, config=beyond))
+
+
+def test_an_optimizer_state_of_the_wrong_kind_is_a_checkpoint_error(tmp_path, good):
+    _, payload = good
+    weights = {**payload["weights"], "actor_opt": {**payload["weights"]["actor_opt"], "state": 5}}
+    with pytest.raises(CheckpointError, match="weights do not fit the checkpoint's config: 'int' object"):
+        load_checkpoint(_edited(tmp_path, payload, weights=weights))
+
+
+def test_the_sha256_is_of_the_bytes_loaded_even_when_the_file_is_replaced_meanwhile(tmp_path, good, monkeypatch):
+    path, payload = good
+    other = _edited(tmp_path, payload, extra={"note": "another file"})
+    original_bytes = path.read_bytes()
+    import mql_ros.core.checkpoint as checkpoint_module
+
+    real_load = checkpoint_module.torch.load
+
+    def load_then_replace(f, *args, **kwargs):  # the file changes between reading and hashing
+        result = real_load(f, *args, **kwargs)
+        os.replace(other, path)
+        return result
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", load_then_replace)
+    ckpt = load_checkpoint(path)
+    assert ckpt.sha256 == hashlib.sha256(original_bytes).hexdigest()
+    assert "note" not in ckpt.extra

@@ -7,6 +7,7 @@ runs code from it. A checkpoint that does not fit (other dims, robot or config) 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from mql_ros.core.config import MQLConfig
 from mql_ros.core.errors import CheckpointError, ConfigError, InputError
 from mql_ros.core.robot import BagEncoding, BoxSpec, spec_from_dict
-from mql_ros.core.td3 import TD3Context
+from mql_ros.core.td3 import TD3Context, build_networks
 
 CHECKPOINT_VERSION = 2  # 2: context encoders hold an input_scale; version 1 files read as scale 1
 _KEYS = ("version", "config", "obs_dim", "act_dim", "family", "robot", "weights", "extra")
@@ -89,8 +90,13 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
 
     if not path.is_file():
         raise fail("no such file")
+    # Read once: the sha256 is of the very bytes loaded, even if the file is replaced meanwhile.
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise fail(f"cannot read it ({e.strerror})") from e
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
         first_line = (str(e).splitlines() or [""])[0][:200]  # an empty file raises EOFError with no text
         raise fail(f"not a readable checkpoint ({type(e).__name__}: {first_line})") from e
@@ -138,14 +144,41 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
             raise fail(f"weights ({part}) contain NaN or inf: {', '.join(bad)}")
     if payload["version"] == 1:
         _add_unit_input_scales(weights)
+    mismatch = _shape_mismatch(cfg, obs_dim, act_dim, weights)
+    if mismatch:
+        raise fail(f"weights do not fit the checkpoint's config: {mismatch}")
     extra = payload["extra"] if isinstance(payload["extra"], dict) else {}
     ckpt = Checkpoint(cfg, obs_dim, act_dim, str(payload["family"]), robot, weights, CHECKPOINT_VERSION,
-                      file_sha256(path), extra)
+                      hashlib.sha256(data).hexdigest(), extra)
     try:  # the weights must fit the networks the config builds
         agent_from_checkpoint(ckpt)
     except CheckpointError as e:
         raise fail(str(e)) from e
     return ckpt
+
+
+def _shape_mismatch(cfg: MQLConfig, obs_dim: int, act_dim: int, weights: dict) -> str:
+    """Why the networks' tensors differ from what `cfg` builds ('' if they fit), checked on the meta device:
+    a config asking for huge layers allocates nothing, so the networks built next are no bigger than the file."""
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(t.shape) for k, t in build_networks(cfg, obs_dim, act_dim).state_dict().items()}
+    except RuntimeError as e:  # sizes past what torch can address
+        return f"its config builds no networks ({(str(e).splitlines() or [''])[0][:200]})"
+    for part in ("nets", "targets"):
+        state = weights.get(part)
+        if not isinstance(state, dict):
+            return f"{part} is not a mapping"
+        have = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else None for k, t in state.items()}
+        missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        wrong = [f"{k}: {have[k]} in the checkpoint, {want[k]} by its config" for k in want
+                 if k in have and have[k] != want[k]]
+        problems = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []) + (
+            [f"size mismatch for {'; '.join(wrong[:5])}"] if wrong else [])
+        if problems:
+            return f"{part}: " + "; ".join(problems)
+    return ""
 
 
 def _add_unit_input_scales(weights: dict) -> None:
@@ -163,7 +196,7 @@ def agent_from_checkpoint(ckpt: Checkpoint) -> TD3Context:
     agent = TD3Context(ckpt.config, ckpt.obs_dim, ckpt.act_dim)
     try:
         agent.load_state_dict(ckpt.weights)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+    except Exception as e:  # untrusted input: e.g. an optimizer state of the wrong kind raises AttributeError
         # torch puts the tensors that do not fit (name and both shapes) on the lines after its first
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:1000]
         raise CheckpointError(f"weights do not fit the checkpoint's config: {reason}") from e

@@ -215,8 +215,14 @@ def parse_update(data: str) -> tuple[str, str]:
 
 def accept_update(path: str | Path, sha: str, running: DeployedPolicy, robot: RobotSpec) -> DeployedPolicy:
     """A validated policy to replace `running` with: CheckpointError unless the file loads and validates for
-    `robot`, its sha256 is `sha`, and its context has the running one's size and history."""
-    candidate = DeployedPolicy.from_checkpoint(path, robot)
+    `robot`, its sha256 is `sha`, and its context has the running one's size and history. Whatever else a file
+    makes the loader raise is a CheckpointError too: a node's update path must outlive any file."""
+    try:
+        candidate = DeployedPolicy.from_checkpoint(path, robot)
+    except (CheckpointError, InputError):
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
     if candidate.sha256 != sha:
         raise CheckpointError(f"checkpoint {path}: sha256 is {candidate.sha256}, the update said {sha}")
     old, new = running.checkpoint.config, candidate.checkpoint.config

@@ -34,6 +34,19 @@ _ACTOR_PARTS = ("actor", "actor_encoder")
 _CRITIC_PARTS = ("critic", "critic_encoder")
 
 
+def build_networks(cfg: MQLConfig, obs_dim: int, act_dim: int) -> nn.ModuleDict:
+    """The actor, the twin critic and the context encoder(s) `cfg` asks for, initialized from torch's RNG; on
+    the device torch builds on (the meta device, for a checkpoint's shapes without their memory)."""
+    context_dim = cfg.context_dim if cfg.use_context else 0
+    nets = {"actor": Actor(obs_dim, context_dim, act_dim, cfg.hidden_sizes),
+            "critic": TwinCritic(obs_dim, act_dim, context_dim, cfg.hidden_sizes)}
+    if cfg.use_context:
+        nets["critic_encoder"] = ContextEncoder(entry_dim(obs_dim, act_dim), cfg.context_dim)
+        if not cfg.shared_encoder:
+            nets["actor_encoder"] = ContextEncoder(entry_dim(obs_dim, act_dim), cfg.context_dim)
+    return nn.ModuleDict(nets)
+
+
 class TD3Context:
     """The agent: networks, targets, optimizers and the (weighted, proximal) TD3 update."""
 
@@ -45,13 +58,7 @@ class TD3Context:
         self.context_dim = cfg.context_dim if cfg.use_context else 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            nets = {"actor": Actor(obs_dim, self.context_dim, act_dim, cfg.hidden_sizes),
-                    "critic": TwinCritic(obs_dim, act_dim, self.context_dim, cfg.hidden_sizes)}
-            if cfg.use_context:
-                nets["critic_encoder"] = ContextEncoder(entry_dim(obs_dim, act_dim), cfg.context_dim)
-                if not cfg.shared_encoder:
-                    nets["actor_encoder"] = ContextEncoder(entry_dim(obs_dim, act_dim), cfg.context_dim)
-        self.nets = nn.ModuleDict(nets)
+            self.nets = build_networks(cfg, self.obs_dim, self.act_dim)
         self.targets = copy.deepcopy(self.nets).requires_grad_(False)
         self._noise = torch.Generator().manual_seed(seed + 1)
         self.updates = 0  # critic steps taken; the actor and targets move every policy_delay of them
