@@ -43,6 +43,20 @@ def test_streaming_context_equals_batched_windows_also_past_history_len(history_
     np.testing.assert_allclose(streamed[1:], nxt, atol=1e-5)
 
 
+def test_preview_returns_what_push_would_and_changes_nothing_also_past_history_len():
+    rng = np.random.default_rng(3)
+    agent = TD3Context(MQLConfig(history_len=4, hidden_sizes=(16,), context_dim=5), OBS, ACT)
+    ep = _episode(rng, 9)
+    sc = agent.streaming_context()
+    for k in range(len(ep)):
+        before = sc.context.copy()
+        peeked = sc.preview(ep.observations[k], ep.actions[k], ep.rewards[k]).copy()
+        sc.preview(ep.observations[k], ep.actions[k], ep.rewards[k] + 1.0)  # another reward: no trace left
+        np.testing.assert_array_equal(sc.context, before)
+        assert sc.steps == k
+        np.testing.assert_array_equal(sc.push(ep.observations[k], ep.actions[k], ep.rewards[k]), peeked)
+
+
 def test_context_is_zero_at_episode_start_and_after_reset():
     rng = np.random.default_rng(1)
     agent = TD3Context(MQLConfig(history_len=8, hidden_sizes=(16,), context_dim=5), OBS, ACT)

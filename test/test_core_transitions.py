@@ -73,6 +73,30 @@ def test_command_returns_the_transition_it_completes(env):
     np.testing.assert_allclose(done.action, a, atol=1e-12)
 
 
+def test_pending_entry_is_the_open_step_with_the_latest_reward_after_its_command(env):
+    builder = TransitionBuilder(env.robot)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "t"}))
+    publish_state(builder, env, 10)
+    builder.on_reward(15, -9.0)  # before any command: no step is open
+    assert builder.pending_entry() is None
+    a = np.full(env.robot.act_dim, 0.25)
+    builder.on_command(20, *env.robot.action_to_commands(a))
+    assert builder.pending_entry() is None  # -9.0 came before the command: it is not this step's reward
+    builder.on_reward(30, -0.5)
+    obs, action, reward = builder.pending_entry()
+    np.testing.assert_allclose(obs, env.robot.observation(*env.joint_state()), atol=1e-6)
+    np.testing.assert_allclose(action, a, atol=1e-12)
+    assert reward == -0.5
+    builder.on_reward(35, -0.4)
+    assert builder.pending_entry()[2] == -0.4
+    publish_state(builder, env, 40)
+    done = builder.on_command(50, *env.robot.action_to_commands(a))
+    assert done.reward == -0.4  # the entry the preview showed is the one the step rule completes
+    assert builder.pending_entry() is None
+    builder.on_episode(60, json.dumps({"event": "end", "task_id": "t"}))
+    assert builder.pending_entry() is None
+
+
 def test_joint_states_are_matched_by_name_not_index(env):
     builder = TransitionBuilder(env.robot)
     q, dq, _, _ = env.joint_state()

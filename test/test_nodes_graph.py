@@ -83,7 +83,7 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
 
     contexts = probe.stamped("mql/context")
     assert all(len(m.data) == context_dim and np.all(np.isfinite(m.data)) for _, m in contexts)
-    # One context per control step (the encoder publishes when a command completes a step), with no gap:
+    # One context per control step (the encoder publishes when the reward that followed a command arrives), no gap:
     # counted over a window from the first pushed step, since the probe may receive the two topics in
     # either order. Times are when the nodes wrote the messages (DDS source timestamps), so a stall of this
     # test process (a long pytest run's garbage collection) is not taken for a gap in the encoder.
@@ -96,8 +96,9 @@ def test_graph_publishes_a_context_every_step_and_commands_within_limits(ros_gra
     in_window, starts = t_ctx[window], zero[window][:-1]
     assert len(in_window) >= 0.9 * n_cmd, (len(in_window), n_cmd, encoder_status(), ros_graph.logs())
     gaps = np.diff(in_window)
-    # After an episode start's zero context the first step completes with the episode's second command, 2.5-3.5
-    # periods later (0.10-0.15 s measured); within an episode a context follows every command (0.04 s).
+    # After an episode start's zero context the first step's context comes with the reward after the episode's
+    # first command (it came with the second command, 0.10-0.15 s later, when the context lagged a step); within
+    # an episode a context follows every reward (0.04 s).
     assert np.max(gaps[~starts]) < 0.25, "a gap of several control periods without a context"
     assert not starts.any() or np.max(gaps[starts]) < 0.4, "an episode's first context came late"
     # The context is reset to zeros at every episode start, and is not zero once steps were pushed.

@@ -334,8 +334,7 @@ def run_rule(dec: _Decoded, robot: RobotSpec, task_id: str, episode_gap_s: float
                 rule.advance(stamp)
                 rule.grip = row
             elif kind == _REWARD:
-                rule.advance(stamp)
-                rule.reward = (stamp, row)
+                rule.on_reward(stamp, row)
             elif kind == _EPISODE:
                 rule.on_episode(stamp, events[row])
                 if json.loads(events[row]).get("event") == "end":

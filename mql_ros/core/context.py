@@ -100,6 +100,20 @@ class StreamingContext:
     def push(self, obs, action, reward) -> np.ndarray:
         """Append the entry (action, reward, obs) of the step just taken (obs is the state the action was
         taken in) and return the new context. Rejects wrong lengths and NaN before changing any state."""
+        gi = self._projected(obs, action, reward)
+        h = self._next_context(gi)
+        self._window.append(gi)
+        self.steps += 1
+        self.context = h
+        return self.context
+
+    def preview(self, obs, action, reward) -> np.ndarray:
+        """The context push(obs, action, reward) would return, changing nothing: for an entry whose reward a
+        later message may still replace."""
+        return self._next_context(self._projected(obs, action, reward))
+
+    def _projected(self, obs, action, reward) -> np.ndarray:
+        """W_ih x + b_ih of a checked entry x = (action, reward, obs)."""
         a = np.asarray(action, dtype=np.float32).reshape(-1)
         s = np.asarray(obs, dtype=np.float32).reshape(-1)
         if a.shape[0] != self.act_dim or s.shape[0] != self.obs_dim:
@@ -111,14 +125,14 @@ class StreamingContext:
         x = np.concatenate([a, r, s])
         if not np.all(np.isfinite(x)):
             raise InputError(f"StreamingContext.push: non-finite entry {x.tolist()}")
-        gi = self.w_ih @ x + self.b_ih
-        self._window.append(gi)
-        self.steps += 1
-        if self.steps <= self.history_len:
-            h = self._cell(gi, self.context)
-        else:  # the window slid: its oldest entry left, so rerun it from zero (O(H))
-            h = np.zeros(self.context_dim, dtype=np.float32)
-            for g in self._window:
-                h = self._cell(g, h)
-        self.context = h.astype(np.float32, copy=False)
-        return self.context
+        return self.w_ih @ x + self.b_ih
+
+    def _next_context(self, gi: np.ndarray) -> np.ndarray:
+        """The context once the entry projected to `gi` is appended."""
+        if self.steps < self.history_len:
+            return self._cell(gi, self.context).astype(np.float32, copy=False)
+        # the window slides: its oldest entry leaves, so rerun it from zero (O(H))
+        h = np.zeros(self.context_dim, dtype=np.float32)
+        for g in list(self._window)[1:] + [gi]:
+            h = self._cell(g, h)
+        return h.astype(np.float32, copy=False)

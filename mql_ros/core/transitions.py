@@ -60,6 +60,7 @@ class StepRule:
         self.arm = self.grip = None  # latest state payloads of this episode
         self.reward = None  # latest (stamp, reward payload) of this episode
         self.pending = None  # (stamp, s_k, a_k) awaiting r_k and s_{k+1}
+        self.rewarded = False  # a reward arrived since the pending command: r_k as it stands
         self.last_stamp = -1
         self.delimited = False  # seen an /mql/episode event: events, not time gaps, delimit episodes
         self.finished: list[tuple] = []  # episodes ended by a time gap, for the caller to take
@@ -71,6 +72,20 @@ class StepRule:
         if stamp_ns < self.last_stamp:
             raise InputError(f"time went backwards: {stamp_ns} ns after {self.last_stamp} ns")
         self.last_stamp = stamp_ns
+
+    def on_reward(self, stamp_ns: int, reward) -> None:
+        self.advance(stamp_ns)
+        self.reward = (stamp_ns, reward)
+        self.rewarded = self.pending is not None
+
+    def pending_entry(self) -> tuple | None:
+        """(s_k, a_k, r_k) of the open step k once a reward has followed its command: the context entry command
+        k+1 will complete, unless a later reward replaces r_k first. It lets the context be published before
+        command k+1 is computed, as in training, where the policy's context at step k+1 holds step k."""
+        if self.pending is None or not self.rewarded:
+            return None
+        _, obs, action = self.pending
+        return obs, action, self.reward[1]
 
     def on_episode(self, stamp_ns: int, event_json: str):
         """A start event opens an episode of its task (dropping an unfinished one); an end event completes
@@ -103,6 +118,7 @@ class StepRule:
             else:
                 done = self.complete()
         self.pending = (stamp_ns, self.state("command"), action)
+        self.rewarded = False
         return done
 
     def finish_episode(self) -> tuple | None:
@@ -119,7 +135,7 @@ class StepRule:
         if self.pending is None:
             return None
         _, obs, action = self.pending
-        self.pending = None
+        self.pending, self.rewarded = None, False
         if self.reward is None:
             raise IncompleteStep("no reward received in this episode yet: the step is dropped")
         next_obs = self.state("next state")
@@ -137,7 +153,7 @@ class StepRule:
         return self.arm, self.grip
 
     def clear_episode(self) -> None:
-        self.pending = None
+        self.pending, self.rewarded = None, False
         self.observations, self.actions, self.rewards = [], [], []
 
 
@@ -171,8 +187,15 @@ class TransitionBuilder:
         value = float(value)
         if not float32_finite(value):
             raise InputError(f"reward is not finite (as float32): {value}")
-        self.rule.advance(stamp_ns)
-        self.rule.reward = (stamp_ns, value)
+        self.rule.on_reward(stamp_ns, value)
+
+    def pending_entry(self) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """StepRule.pending_entry as arrays: (observation, action, reward), or None."""
+        entry = self.rule.pending_entry()
+        if entry is None:
+            return None
+        obs, action, reward = entry
+        return self._obs(obs), action, reward
 
     def on_episode(self, stamp_ns: int, event_json: str) -> Transition | None:
         """A start event opens an episode of its task (dropping an unfinished one); an end event completes
