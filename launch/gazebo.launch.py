@@ -17,6 +17,7 @@ from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, Opaq
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 ARGUMENTS = {
     "world": ("empty.sdf", "Gazebo world file"),
@@ -46,7 +47,7 @@ def launch_setup(context: LaunchContext) -> list:
         IncludeLaunchDescription(PythonLaunchDescriptionSource(str(gz_launch)),
                                  launch_arguments={"gz_args": f"-r {world}"}.items()),
         Node(package="robot_state_publisher", executable="robot_state_publisher", output="screen",
-             parameters=[{"robot_description": urdf, "use_sim_time": True}]),
+             parameters=[{"robot_description": ParameterValue(urdf, value_type=str), "use_sim_time": True}]),
         Node(package="ros_gz_sim", executable="create", output="screen",
              arguments=["-topic", "robot_description", "-name", "mql_arm"]),
         Node(package="ros_gz_bridge", executable="parameter_bridge", output="screen",

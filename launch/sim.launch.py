@@ -10,6 +10,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = {
@@ -21,6 +22,12 @@ ARGUMENTS = {
     "namespace": ("", "namespace of every node"),
     "log_level": ("info", "log level of every node"),
 }
+
+
+def as_string(name: str) -> ParameterValue:
+    """Launch argument `name` as a string parameter: launch_ros reads a plain substitution as YAML, which
+    turns a path or name like `no`, `1.5` or `null` into another type (or fails the launch)."""
+    return ParameterValue(LaunchConfiguration(name), value_type=str)
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -36,10 +43,10 @@ def generate_launch_description() -> LaunchDescription:
         [DeclareLaunchArgument(name, default_value=default, description=text)
          for name, (default, text) in ARGUMENTS.items()]
         + [
-            node("sim_arm", {"family": arg("family"), "task_split": arg("task_split"),
+            node("sim_arm", {"family": as_string("family"), "task_split": as_string("task_split"),
                              "task_index": arg("task_index")}),
-            node("context_encoder", {"checkpoint": arg("checkpoint")}),
-            node("policy", {"checkpoint": arg("checkpoint")}),
-            node("adaptation", {"checkpoint": arg("checkpoint"), "archive_dir": arg("archive_dir")}),
+            node("context_encoder", {"checkpoint": as_string("checkpoint")}),
+            node("policy", {"checkpoint": as_string("checkpoint")}),
+            node("adaptation", {"checkpoint": as_string("checkpoint"), "archive_dir": as_string("archive_dir")}),
         ]
     )
