@@ -169,6 +169,36 @@ def test_policy_stops_commanding_when_deactivated_and_acts_again_when_activated(
     wait_command(probe, act, 10.0, "the policy acting again", atol=1e-5)
 
 
+def test_policy_cleaned_up_and_configured_again_has_one_set_of_endpoints_and_acts(ros_graph, tiny_checkpoint):
+    """cleanup undoes configure: configuring again must not leave a second subscription of each input beside
+    the first (each state would then be handled twice) or a second /mql/hold server."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
+    robot = FakeRobot(probe, policy.context_dim)
+    act = expected_commands(policy, robot.context)
+    wait_command(probe, act, 30.0, "the policy acting", atol=1e-5)
+    for kind in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                 Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert probe.call(ChangeState, "policy/change_state", ChangeState.Request(transition=Transition(id=kind))
+                          ).success, kind
+    wait_command(probe, act, 10.0, "the policy acting after cleanup and configure", atol=1e-5)
+    node = probe.node
+
+    def endpoints() -> dict[str, int]:
+        return {"joint_states": node.count_subscribers("joint_states"),
+                "gripper/joint_states": node.count_subscribers("gripper/joint_states"),
+                "mql/context": node.count_subscribers("mql/context"),
+                "arm_controller/commands": node.count_publishers("arm_controller/commands"),
+                "mql/hold": node.count_services("mql/hold")}
+
+    want = dict.fromkeys(("joint_states", "gripper/joint_states", "mql/context", "arm_controller/commands",
+                          "mql/hold"), 1)
+    probe.wait_for(lambda: endpoints() == want, 10.0, lambda: f"one endpoint each, got {endpoints()}")
+
+
 def test_policy_holds_last_positions_after_a_nan_or_misnamed_state_and_recovers(ros_graph, tiny_checkpoint):
     policy = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT)
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
@@ -349,6 +379,8 @@ def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):
 
 def test_policy_refuses_bad_or_mismatched_checkpoints_and_loads_a_valid_one(ros_graph, tiny_checkpoint,
                                                                             tmp_path):
+    import torch
+
     from mql_ros.core.checkpoint import save_checkpoint
     from mql_ros.core.config import load_config
     from mql_ros.core.td3 import TD3Context
@@ -370,7 +402,12 @@ def test_policy_refuses_bad_or_mismatched_checkpoints_and_loads_a_valid_one(ros_
     good = tmp_path / "good.pt"
     good_sha = save_checkpoint(good, TD3Context(good_cfg, ROBOT.obs_dim, ROBOT.act_dim, seed=7),
                                "arm_reach", ROBOT)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["weights"]["actor_opt"]["state"] = 5  # loads as a file, breaks the optimizer (it killed the worker)
+    malformed = tmp_path / "malformed.pt"
+    torch.save(payload, malformed)
     bad_updates = [{"path": str(corrupt), "sha256": hashlib.sha256(corrupt.read_bytes()).hexdigest()},
+                   {"path": str(malformed), "sha256": hashlib.sha256(malformed.read_bytes()).hexdigest()},
                    {"path": str(other), "sha256": other_sha},  # context size differs from the running one
                    {"path": str(good), "sha256": "0" * 64},  # hash does not match the file
                    {"path": str(tmp_path / "missing.pt"), "sha256": good_sha}]
@@ -388,6 +425,27 @@ def test_policy_refuses_bad_or_mismatched_checkpoints_and_loads_a_valid_one(ros_
     wait_command(probe, new_act, 10.0, "commands of the new checkpoint", atol=1e-5)
     probe.wait_for(lambda: diagnostic_values(probe, "policy")[-1]["checkpoint_sha256"] == good_sha, 5.0,
                    "the new checkpoint hash on /diagnostics")
+
+
+def test_policy_runs_the_last_announced_of_updates_that_arrive_together(ros_graph, tiny_checkpoint, tmp_path):
+    """A latched topic hands a late joiner its history at once: the updates load in the order announced."""
+    from mql_ros.core.checkpoint import save_checkpoint
+    from mql_ros.core.config import load_config
+    from mql_ros.core.td3 import TD3Context
+
+    cfg = load_config(overrides={"hidden_sizes": [32, 32], "context_dim": 8, "history_len": 50})
+    update_pub = ros_graph.probe.node.create_publisher(String, "mql/policy_update", LATCHED_QOS)  # keeps 10
+    shas = []
+    for seed in range(6):
+        path = tmp_path / f"update_{seed}.pt"
+        shas.append(save_checkpoint(path, TD3Context(cfg, ROBOT.obs_dim, ROBOT.act_dim, seed=10 + seed),
+                                    "arm_reach", ROBOT))
+        update_pub.publish(String(data=json.dumps({"path": str(path), "sha256": shas[-1]})))
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)  # joins late: gets all six at once
+    probe.wait_for(lambda: any(d.get("checkpoint_sha256") == shas[-1] for d in diagnostic_values(probe, "policy")),
+                   30.0, "the last announced checkpoint running")
+    time.sleep(1.0)  # an update loaded out of order would replace it now
+    assert diagnostic_values(probe, "policy")[-1]["checkpoint_sha256"] == shas[-1]
 
 
 def test_policy_refuses_out_of_range_parameter_at_start(ros_graph, tiny_checkpoint):

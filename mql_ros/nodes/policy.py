@@ -17,6 +17,7 @@ feeds it):
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -87,7 +88,6 @@ class PolicyNode(LifecycleNode):
             self.get_parameter("robot_description").value or None,
             self.robot.arm_joints + self.robot.gripper_joints[:1]))
         self._lock = threading.Lock()
-        self._update_lock = threading.Lock()
         self.guard = CommandGuard(self.robot, SafetyLimits(self.state_timeout, self.context_timeout,
                                                            max_arm_step, max_gripper_step))
         # any jump back (the threshold is 1 ns) or change of time source, not only one larger than a timeout
@@ -97,8 +97,13 @@ class PolicyNode(LifecycleNode):
         self._ticks = 0
         self._held = 0
         self._timer = None
+        self._endpoints: list = []  # what on_configure created, for on_cleanup to destroy
         self.policy: DeployedPolicy | None = None
         self.diag = Diagnostics(self)
+        # One worker loads the announced checkpoints in the order they were announced (a latched topic replays
+        # several at once to a late joiner), so the last announced is the one that runs.
+        self._updates: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        threading.Thread(target=self._load_updates, daemon=True).start()
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -110,13 +115,27 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._arm_pub = self.create_lifecycle_publisher(Float64MultiArray, ARM_COMMANDS, RELIABLE_QOS)
         self._grip_pub = self.create_lifecycle_publisher(Float64MultiArray, GRIPPER_COMMANDS, RELIABLE_QOS)
-        self.create_subscription(JointState, JOINT_STATES, self._on_arm_state, SENSOR_QOS)
-        self.create_subscription(JointState, GRIPPER_STATES, self._on_gripper_state, SENSOR_QOS)
-        self.create_subscription(Float32MultiArray, CONTEXT, self._on_context, SENSOR_QOS)
-        self.create_subscription(String, POLICY_UPDATE, self._on_policy_update, LATCHED_QOS)
-        self.create_service(SetBool, "mql/hold", self._on_hold)
+        self._endpoints = [
+            self.create_subscription(JointState, JOINT_STATES, self._on_arm_state, SENSOR_QOS),
+            self.create_subscription(JointState, GRIPPER_STATES, self._on_gripper_state, SENSOR_QOS),
+            self.create_subscription(Float32MultiArray, CONTEXT, self._on_context, SENSOR_QOS),
+            self.create_subscription(String, POLICY_UPDATE, self._on_policy_update, LATCHED_QOS),
+            self.create_service(SetBool, "mql/hold", self._on_hold)]
         self.diag.values["checkpoint_sha256"] = self.policy.sha256
         self.diag.ok("configured")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Undo on_configure, so configuring again makes one set of endpoints, not a second one beside it."""
+        for endpoint in self._endpoints:
+            (self.destroy_service if hasattr(endpoint, "srv_type") else self.destroy_subscription)(endpoint)
+        self._endpoints = []
+        for pub in (self._arm_pub, self._grip_pub):
+            self.destroy_lifecycle_publisher(pub)
+        with self._lock:
+            self.guard.reset()
+            self.guard.expire_inputs("it arrived before the node was cleaned up")
+        self.diag.warn("unconfigured")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -192,21 +211,24 @@ class PolicyNode(LifecycleNode):
         except InputError as exc:
             self.diag.reject("policy_update", str(exc))
             return
-        threading.Thread(target=self._load_update, args=(path, sha), daemon=True).start()
+        self._updates.put((path, sha))
+
+    def _load_updates(self) -> None:
+        while True:
+            self._load_update(*self._updates.get())
 
     def _load_update(self, path: str, sha: str) -> None:
         """Swap in a validated checkpoint; on any problem keep the running one and say why."""
-        with self._update_lock:  # one update at a time
-            if sha == self.policy.sha256:
-                return
-            try:
-                candidate = accept_update(path, sha, self.policy, self.robot)
-            except (CheckpointError, InputError, ValueError) as exc:
-                self.diag.reject("policy_update", f"kept checkpoint {self.policy.sha256[:12]}: {exc}")
-                self.get_logger().error(f"policy update refused: {exc}")
-                return
-            with self._lock:
-                self.policy = candidate  # one assignment: a tick runs the old policy or the new one
+        if sha == self.policy.sha256:
+            return
+        try:
+            candidate = accept_update(path, sha, self.policy, self.robot)
+        except (CheckpointError, InputError, ValueError) as exc:
+            self.diag.reject("policy_update", f"kept checkpoint {self.policy.sha256[:12]}: {exc}")
+            self.get_logger().error(f"policy update refused: {exc}")
+            return
+        with self._lock:
+            self.policy = candidate  # one assignment: a tick runs the old policy or the new one
         self.diag.values["checkpoint_sha256"] = candidate.sha256
         self.diag.values["checkpoint_path"] = path
         self.get_logger().info(f"loaded checkpoint {path} ({sha[:12]})")
