@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 from mql_ros.core.errors import InputError
 from mql_ros.core.paths import share_file
 from mql_ros.core.robot import RobotSpec
-from mql_ros.sim.arm import ArmEnv, check_task
+from mql_ros.sim.arm import ARM_REACH, TARGET_MAX_DISTANCE, TASK_RANGES, ArmEnv, check_task
 
 TASK = {"target": [0.3, 0.1, 0.12]}
 
@@ -135,6 +135,7 @@ def test_diverged_physics_resets_with_a_warning_instead_of_returning_nan(env, fi
     with pytest.warns(RuntimeWarning, match="diverged"):
         obs, reward, terminated, truncated, info = env.step(np.zeros(5))
     assert info["diverged"] and truncated and not terminated
+    assert env.divergence  # the reason, for the sim node to report
     assert np.all(np.isfinite(obs)) and np.isfinite(reward)
     assert np.all(np.abs(obs[:4]) < 0.1)  # back at the home pose
 
@@ -212,6 +213,54 @@ def test_bad_task_is_rejected_by_name(env, task, match):
     with pytest.raises(InputError, match=match):
         env.set_task(task)
     assert env.task == check_task(TASK)
+
+
+@pytest.mark.parametrize("task, match", [
+    ({"target": [1e160, 0.0, 0.0]}, r"target \[1e\+160, 0.0, 0.0\] must lie within 1.5 m"),  # rewards were -inf
+    ({"target": [1.2, 0.0, 1.2]}, r"target \[1.2, 0.0, 1.2\] must lie within 1.5 m"),  # each coordinate in bound
+    ({"target": [0.3, 0.1, 0.12], "payload_mass": 1e308}, r"payload_mass must be within \[0.0, 10.0\] .*1e\+308"),
+    ({"target": [0.3, 0.1, 0.12], "payload_mass": 10.5}, r"payload_mass must be within \[0.0, 10.0\] .*10.5"),
+    ({"target": [0.3, 0.1, 0.12], "damping_scale": 1e6}, r"damping_scale must be within \[0.01, 100.0\]"),
+    ({"target": [0.3, 0.1, 0.12], "damping_scale": 1e-4}, r"damping_scale must be within \[0.01, 100.0\]"),
+    ({"target": [0.3, 0.1, 0.12], "friction_scale": 1e300}, r"friction_scale must be within \[0.01, 100.0\]"),
+    ({"target": [0.3, 0.1, 0.12], "friction_scale": float("nan")}, r"friction_scale must be within"),
+])
+def test_task_outside_its_physical_range_is_rejected_naming_the_key_the_value_and_the_range(env, task, match):
+    with pytest.raises(InputError, match=match):
+        env.set_task(task)
+    assert env.task == check_task(TASK)
+
+
+@pytest.mark.parametrize("task", [
+    {"target": [0.0, 0.0, TARGET_MAX_DISTANCE], "payload_mass": TASK_RANGES["payload_mass"][1],
+     "damping_scale": TASK_RANGES["damping_scale"][0], "friction_scale": TASK_RANGES["friction_scale"][0]},
+    {"target": [-TARGET_MAX_DISTANCE, 0.0, 0.0], "payload_mass": 0.0,
+     "damping_scale": TASK_RANGES["damping_scale"][1], "friction_scale": TASK_RANGES["friction_scale"][1]},
+])
+def test_tasks_at_the_edges_of_the_physical_ranges_are_accepted_and_simulate_stably(task):
+    env = ArmEnv(task)
+    assert env.task == check_task(task) == task
+    env.reset(seed=9)
+    rng = np.random.default_rng(9)
+    for i in range(200):
+        action = rng.choice([-1.0, 1.0], 5) if i % 2 else rng.uniform(-1, 1, 5)  # bang-bang stresses servos
+        obs, reward, _, truncated, info = env.step(action)
+        assert np.all(np.isfinite(obs)) and np.isfinite(reward) and not info["diverged"]
+        if truncated:
+            env.reset()
+
+
+def test_the_target_bound_is_about_twice_the_arms_reach(env):
+    rng = np.random.default_rng(0)
+    lo, hi = env.robot.command_lower[:-1], env.robot.command_upper[:-1]
+    index = [env.model.joint(j).qposadr[0] for j in env.robot.arm_joints]
+    reach = 0.0
+    for q in rng.uniform(lo, hi, (5000, env.robot.n_arm)):
+        env.data.qpos[index] = q
+        mujoco.mj_kinematics(env.model, env.data)
+        reach = max(reach, float(np.linalg.norm(env.tool_position())))
+    assert 0.95 * ARM_REACH < reach <= ARM_REACH
+    assert TARGET_MAX_DISTANCE >= 2 * ARM_REACH
 
 
 def test_gymnasium_env_checker_passes():

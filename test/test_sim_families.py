@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from mql_ros.core.tasks import TaskFamily, resolve_family
-from mql_ros.sim.arm import ArmEnv, check_task
-from mql_ros.sim.families import ORACLE_SWITCHES, ArmPayloadFamily, ArmReachFamily, _schedule_return, _schedule_returns
+from mql_ros.sim.arm import TARGET_MAX_DISTANCE, TASK_RANGES, ArmEnv, check_task
+from mql_ros.sim.families import (
+    BASE_PAYLOAD_KG,
+    ORACLE_SWITCHES,
+    TARGET_HEIGHT,
+    ArmPayloadFamily,
+    ArmReachFamily,
+    _schedule_return,
+    _schedule_returns,
+)
 
 FAMILIES = [ArmReachFamily, ArmPayloadFamily]
 
@@ -61,6 +69,29 @@ def test_payload_ood_is_heavier_and_more_damped_than_training():
     for key in ("payload_mass", "damping_scale"):
         assert min(t[key] for t in f.ood_tasks()) > max(t[key] for t in train)
     assert len({t["payload_mass"] for t in train}) == len(train)
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_every_split_task_lies_well_inside_the_physical_task_ranges(cls):
+    """check_task refuses tasks outside physical bounds (an audit's 1e160 m target gave reward -inf); every
+    task the families draw, ood included, must pass with a margin of 2x to spare."""
+    f = cls()
+    for task in f.train_tasks() + f.test_tasks() + f.ood_tasks():
+        checked = check_task(task)
+        assert {k: checked[k] for k in task} == task
+        assert np.linalg.norm(checked["target"]) <= TARGET_MAX_DISTANCE / 2
+        for key, (lo, hi) in TASK_RANGES.items():
+            assert 2 * lo <= checked[key] <= hi / 2 or (key == "payload_mass" and checked[key] == 0.0), (key, task)
+
+
+def test_the_families_sampling_ranges_lie_well_inside_the_physical_task_ranges():
+    """The ranges the tasks are drawn from, not just the drawn tasks (another seed draws other values)."""
+    assert np.hypot(ArmReachFamily.OOD_RADIUS[1], TARGET_HEIGHT) <= TARGET_MAX_DISTANCE / 2
+    exponents = (*ArmPayloadFamily.EXPONENT, *ArmPayloadFamily.OOD_EXPONENT)
+    assert BASE_PAYLOAD_KG * 1.5 ** max(exponents) <= TASK_RANGES["payload_mass"][1] / 2
+    for key in ("damping_scale", "friction_scale"):
+        lo, hi = TASK_RANGES[key]
+        assert 2 * lo <= 1.3 ** min(exponents) and 1.3 ** max(exponents) <= hi / 2
 
 
 @pytest.mark.parametrize("cls", FAMILIES)

@@ -1,10 +1,13 @@
 """`sim_arm`: the MuJoCo arm (mql_ros.sim.arm.ArmEnv) as simulated hardware on the contract topics.
 
-It behaves like a robot driver: a lifecycle node (configure builds the simulator, activate starts the
-clock), it holds the last targets when no command arrives and rejects malformed commands with a reason on
-/diagnostics instead of crashing. Each tick of `sim_rate` advances the physics by 1/sim_rate with the
-current targets, then publishes the reward of that step and the new joint states (reward before state, so
-the step rule can pair each command with the reward that followed it).
+It behaves like a robot driver: a lifecycle node (configure builds the simulator and its topics and
+services, activate starts the clock, deactivate stops it, cleanup destroys what configure built), it holds
+the last targets when no command arrives and rejects malformed commands with a reason on /diagnostics
+instead of crashing. Each tick of `sim_rate` advances the physics by 1/sim_rate with the current targets,
+then publishes the reward of that step and the new joint states (reward before state, so the step rule can
+pair each command with the reward that followed it). A step whose physics diverged, or whose reward or
+state is not finite (as float32), is never published: the episode ends there (its end event says why,
+as does the log and /diagnostics) and a new one starts from the home pose.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from mql_ros.core.errors import ConfigError, InputError
+from mql_ros.core.robot import float32_finite
 from mql_ros.core.tasks import resolve_family, split_tasks, task_id
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
@@ -37,6 +41,7 @@ from mql_ros.nodes.common import (
     declare,
     main_for,
 )
+from mql_ros.sim.arm import check_task
 
 TASK_PARAMETERS = ("family", "task_split", "task_index", "task_json")
 
@@ -59,7 +64,10 @@ class SimArmNode(LifecycleNode):
         declare(self, "task_json", "", "JSON task dict overriding family/split/index (task_id 'custom'); "
                 "empty: use the split", read_only=False)
         self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()  # a tick runs whole, never alongside a lifecycle transition
         self.env = None
+        self._configured: dict[str, list] = {}  # publishers, subscriptions, services on_configure created
+        self._diverged_episodes = 0
         self._task_id, self._task = self._task_from_params({})
         self._arm_cmd: np.ndarray | None = None
         self._grip_cmd: np.ndarray | None = None
@@ -72,22 +80,38 @@ class SimArmNode(LifecycleNode):
 
     # ------------------------------------------------------------------ tasks
     def _task_from_params(self, changes: dict) -> tuple[str, dict]:
-        """The (task_id, task) the parameters (with `changes` applied) select; InputError if invalid."""
+        """The (task_id, task) the parameters (with `changes` applied) select; InputError if invalid.
+
+        Every parameter is checked whatever task_json holds, so the parameters always describe a valid
+        configuration: the family must resolve, the split and index must select one of its tasks, and that
+        task must be a task of the simulated arm (check_task), even while task_json overrides it; task_json,
+        when set, must be such a task too.
+        """
         p = {n: changes.get(n, self.get_parameter(n).value) for n in TASK_PARAMETERS}
-        if p["task_json"]:
-            try:
-                task = json.loads(p["task_json"])
-            except json.JSONDecodeError as exc:
-                raise InputError(f"task_json is not valid JSON: {exc}") from exc
-            if not isinstance(task, dict):
-                raise InputError(f"task_json must be a JSON object, got {p['task_json']!r}")
-            return "custom", task
         family = resolve_family(p["family"])
         tasks = split_tasks(family, p["task_split"])
         if not 0 <= p["task_index"] < len(tasks):
             raise InputError(f"task_index {p['task_index']} is outside the {p['task_split']} split "
                              f"(0..{len(tasks) - 1})")
-        return task_id(family, p["task_split"], p["task_index"]), tasks[p["task_index"]]
+        split_id, split_task = task_id(family, p["task_split"], p["task_index"]), tasks[p["task_index"]]
+        try:
+            check_task(split_task)
+        except InputError as exc:
+            raise InputError(f"family {p['family']!r}: task {split_id} is not a task of the simulated arm: "
+                             f"{exc}") from exc
+        if not p["task_json"]:
+            return split_id, split_task
+        try:
+            task = json.loads(p["task_json"])
+        except json.JSONDecodeError as exc:
+            raise InputError(f"task_json is not valid JSON: {exc}") from exc
+        if not isinstance(task, dict):
+            raise InputError(f"task_json must be a JSON object, got {p['task_json']!r}")
+        try:
+            check_task(task)
+        except InputError as exc:
+            raise InputError(f"task_json: {exc}") from exc
+        return "custom", task
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Task parameters change at run time: validated now, in effect at the next episode."""
@@ -96,8 +120,9 @@ class SimArmNode(LifecycleNode):
             return SetParametersResult(successful=True)
         try:
             new_id, new_task = self._task_from_params(changes)
-            if self.env is not None:
-                self.env.set_task(new_task)  # validates; applied at the next reset
+            env = self.env  # None while unconfigured: configure builds the env with this task
+            if env is not None:
+                env.set_task(new_task)  # validates; applied at the next reset
         except (InputError, ConfigError, ValueError, KeyError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         with self._lock:
@@ -121,30 +146,66 @@ class SimArmNode(LifecycleNode):
         self._grip_pub = self.create_lifecycle_publisher(JointState, GRIPPER_STATES, 10)
         self._reward_pub = self.create_lifecycle_publisher(Float64, REWARD, RELIABLE_QOS)
         self._episode_pub = self.create_lifecycle_publisher(String, EPISODE, LATCHED_QOS)
-        self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS)
-        self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command, RELIABLE_QOS)
-        self.create_service(Trigger, "sim/reset", self._on_reset)
+        self._configured = {
+            "publishers": [self._joint_pub, self._grip_pub, self._reward_pub, self._episode_pub],
+            "subscriptions": [
+                self.create_subscription(Float64MultiArray, ARM_COMMANDS, self._on_arm_command, RELIABLE_QOS),
+                self.create_subscription(Float64MultiArray, GRIPPER_COMMANDS, self._on_gripper_command,
+                                         RELIABLE_QOS)],
+            "services": [self.create_service(Trigger, "sim/reset", self._on_reset)],
+        }
         self.diag.ok("configured")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)
-        self._start_episode()
-        self._timer = self.create_timer(1.0 / self.sim_rate, self._tick)
+        with self._tick_lock:
+            self._start_episode()
+            self._timer = self.create_timer(1.0 / self.sim_rate, self._tick)
         self.diag.ok("running")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
+        self._stop_clock()
         self.diag.warn("inactive")
         return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Destroy what on_configure built, so configure -> cleanup -> configure is the same node."""
+        self._destroy_configured()
+        self.diag.warn("unconfigured")
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._destroy_configured()
+        self.diag.warn("shut down")
+        return super().on_shutdown(state)
+
+    def _stop_clock(self) -> None:
+        with self._tick_lock:  # after this no tick is running, and one already queued returns at once
+            if self._timer is not None:
+                self.destroy_timer(self._timer)
+                self._timer = None
+
+    def _destroy_configured(self) -> None:
+        self._stop_clock()
+        with self._tick_lock:
+            for pub in self._configured.get("publishers", []):
+                self.destroy_lifecycle_publisher(pub)
+            for sub in self._configured.get("subscriptions", []):
+                self.destroy_subscription(sub)
+            for srv in self._configured.get("services", []):
+                self.destroy_service(srv)
+            self._configured = {}
+            with self._lock:
+                self.env = None
+                self._arm_cmd = self._grip_cmd = None
+                self._reset_requested = False
 
     # ------------------------------------------------------------------ commands
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         values = np.asarray(msg.data, dtype=np.float64)
-        if self.env is None:
+        if self.env is None:  # unconfigured (a message delivered while cleanup destroys the subscription)
             return
         if values.shape[0] != self.robot.n_arm:
             self.diag.reject("arm_command", f"expected {self.robot.n_arm} values, got {values.shape[0]}")
@@ -184,10 +245,12 @@ class SimArmNode(LifecycleNode):
         self._publish_event("start", current_id)
         self._publish_state()
 
-    def _publish_event(self, event: str, tid: str) -> None:
+    def _publish_event(self, event: str, tid: str, diverged: str = "") -> None:
         self._episode_id = tid if event == "start" else self._episode_id
         payload = {"event": event, "task_id": self._episode_id, "task": self.env.task,
                    "episode": self._episode}
+        if diverged:  # an end event of an episode cut short by the physics
+            payload["diverged"] = diverged
         self._episode_pub.publish(String(data=json.dumps(payload)))
 
     def _publish_state(self) -> None:
@@ -200,20 +263,49 @@ class SimArmNode(LifecycleNode):
             pub.publish(msg)
 
     def _tick(self) -> None:
-        with self._lock:
-            arm, grip, reset = self._arm_cmd, self._grip_cmd, self._reset_requested
-        self.env.apply_commands(arm, grip)
-        diverged = self.env.advance(1.0 / self.sim_rate)
-        self._step += 1
-        self._reward_pub.publish(Float64(data=float(self.env.current_reward())))
-        self._publish_state()
-        if diverged:
-            self.diag.warn("the physics diverged; the arm was reset to its home pose")
-        self.diag.values.update({"episode": self._episode, "step": self._step, "task_id": self._episode_id})
-        if reset or diverged or self._step >= self.episode_steps:
-            self._publish_event("end", self._episode_id)
-            self._episode += 1
-            self._start_episode()
+        with self._tick_lock:
+            if self._timer is None:  # deactivated while this tick waited for the lock
+                return
+            with self._lock:
+                arm, grip, reset = self._arm_cmd, self._grip_cmd, self._reset_requested
+            self.env.apply_commands(arm, grip)
+            diverged = self.env.advance(1.0 / self.sim_rate)
+            self._step += 1
+            reward = float(self.env.current_reward())
+            problem = self._unpublishable(diverged, reward)
+            if problem:
+                self._end_diverged_episode(problem)
+                return
+            self._reward_pub.publish(Float64(data=reward))
+            self._publish_state()
+            self.diag.values.update({"episode": self._episode, "step": self._step, "task_id": self._episode_id})
+            if reset or self._step >= self.episode_steps:
+                self._publish_event("end", self._episode_id)
+                self._episode += 1
+                self._start_episode()
+
+    def _unpublishable(self, diverged: bool, reward: float) -> str:
+        """Why this step's reward and state must not be published ("" if they may be)."""
+        if diverged:  # ArmEnv already reset the arm: what it reads now is not the result of this step
+            return f"the physics diverged ({getattr(self.env, 'divergence', '') or 'unstable simulation'})"
+        if not float32_finite(reward):
+            return f"the reward is not finite (as float32): {reward}"
+        if not all(float32_finite(values) for values in self.env.joint_state()):
+            return "the joint state is not finite (as float32)"
+        return ""
+
+    def _end_diverged_episode(self, problem: str) -> None:
+        """End the episode at a step that cannot be published, and start a new one from the home pose."""
+        self._diverged_episodes += 1
+        message = (f"episode {self._episode} ended at step {self._step}: {problem}; its reward and state were "
+                   f"not published, a new episode starts from the home pose")
+        self.get_logger().error(message, throttle_duration_sec=1.0)
+        self.diag.values.update({"diverged_episodes": self._diverged_episodes, "last_divergence": message})
+        self.diag.warn(message)
+        self.diag.publish()
+        self._publish_event("end", self._episode_id, diverged=problem)
+        self._episode += 1
+        self._start_episode()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -29,6 +29,15 @@ SERVO_KP = {"base_yaw_joint": 40.0, "shoulder_pitch_joint": 60.0, "elbow_pitch_j
 ARMATURE = {"base_yaw_joint": 0.1, "shoulder_pitch_joint": 0.1, "elbow_pitch_joint": 0.05,
             "wrist_pitch_joint": 0.02, "finger_left_joint": 0.05, "finger_right_joint": 0.05}
 TASK_DEFAULTS = {"payload_mass": 0.0, "damping_scale": 1.0, "friction_scale": 1.0}
+# Physical bounds of a task (check_task). Generous around what the built-in families draw (arm_payload's
+# ood split: payload up to 3.1 kg, damping scale 0.46-3.3, friction scale 0.46-2.2; arm_reach's ood targets
+# 0.53 m from the base), and still far inside what the physics stays stable at (random bang-bang actions:
+# no divergence with 20 kg, damping or friction scale 0.01 or 100). Beyond them a task is a typo or an
+# attack: a target at 1e160 m made every reward -inf, a 1e308 kg payload made MuJoCo unstable.
+TASK_RANGES = {"payload_mass": (0.0, 10.0), "damping_scale": (0.01, 100.0), "friction_scale": (0.01, 100.0)}
+TASK_UNITS = {"payload_mass": "kg", "damping_scale": "x the URDF damping", "friction_scale": "x the URDF friction"}
+ARM_REACH = 0.72  # m: the farthest the tool gets from the base (the world origin) over the joint ranges
+TARGET_MAX_DISTANCE = 1.5  # m from the base: about twice the arm's reach
 REWARDS = ("reach", "reach_smooth")
 _MIN_MASS = 1e-6  # kg: "no payload" (MuJoCo needs a positive mass on a body with inertia)
 _INSTABILITY_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
@@ -41,8 +50,10 @@ _RESET_NOISE = 0.05  # rad: initial joint positions are home +- this, so episode
 def check_task(task: dict) -> dict:
     """Validate a task dict and return it as plain JSON-able floats with defaults filled in.
 
-    Keys: "target" [x, y, z] in metres (world frame, table top at z = 0), and optionally "payload_mass" (kg,
-    >= 0), "damping_scale" and "friction_scale" (> 0, multiply the URDF joint damping / friction).
+    Keys: "target" [x, y, z] in metres (world frame, table top at z = 0, within TARGET_MAX_DISTANCE of the
+    base), and optionally "payload_mass" (kg), "damping_scale" and "friction_scale" (multiply the URDF joint
+    damping / friction), each within its TASK_RANGES bounds. An InputError names the key, the value and the
+    allowed range.
     """
     if not isinstance(task, dict):
         raise InputError(f"task must be a dict, got {type(task).__name__}")
@@ -57,15 +68,19 @@ def check_task(task: dict) -> dict:
         raise InputError(f"task target is not a list of numbers: {task['target']!r}") from e
     if target.shape[0] != 3 or not np.all(np.isfinite(target)):
         raise InputError(f"task target must be 3 finite numbers, got {task['target']!r}")
+    # |target| <= bound, tested per coordinate first so that a huge value cannot overflow the norm
+    if np.any(np.abs(target) > TARGET_MAX_DISTANCE) or np.linalg.norm(target) > TARGET_MAX_DISTANCE:
+        raise InputError(f"task target {target.tolist()} must lie within {TARGET_MAX_DISTANCE} m of the arm's "
+                         f"base (the world origin; the arm reaches about {ARM_REACH} m)")
     out = {"target": [float(v) for v in target]}
     for key, default in TASK_DEFAULTS.items():
         try:
             value = float(task.get(key, default))
         except (TypeError, ValueError) as e:
             raise InputError(f"task {key} is not a number: {task[key]!r}") from e
-        if not math.isfinite(value) or value < 0 or (key != "payload_mass" and value == 0):
-            raise InputError(f"task {key} must be finite and {'>= 0' if key == 'payload_mass' else '> 0'}, "
-                             f"got {value}")
+        lo, hi = TASK_RANGES[key]
+        if not lo <= value <= hi:  # NaN compares False
+            raise InputError(f"task {key} must be within [{lo}, {hi}] ({TASK_UNITS[key]}), got {value}")
         out[key] = value
     return out
 
@@ -154,6 +169,7 @@ class ArmEnv(gymnasium.Env):
         self._target = np.asarray(self._task["target"])
         self._steps = 0
         self.diverged = False
+        self.divergence = ""  # why the physics last diverged (advance), for the caller to report
         self._apply_task(self._task)
         self._reset_physics(np.random.default_rng(0))
 
@@ -217,7 +233,8 @@ class ArmEnv(gymnasium.Env):
     def advance(self, seconds: float) -> bool:
         """Run the physics for `seconds` with the current targets; returns True if it had to reset.
 
-        A diverged simulation is reset to the home pose with a warning: NaN never reaches a caller.
+        A diverged simulation is reset to the home pose with a warning (the reason in `divergence`): NaN
+        never reaches a caller.
         """
         if not (math.isfinite(seconds) and seconds >= 0):
             raise InputError(f"advance: seconds must be finite and >= 0, got {seconds}")
@@ -232,7 +249,7 @@ class ArmEnv(gymnasium.Env):
         warnings.warn(f"ArmEnv: the physics diverged ({problem}); resetting the arm to its home pose",
                       RuntimeWarning, stacklevel=2)
         self._reset_physics(self.np_random)
-        self.diverged = True
+        self.diverged, self.divergence = True, problem
         return True
 
     def joint_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
