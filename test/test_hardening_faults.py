@@ -5,6 +5,7 @@ Each test waits on conditions (never sleeps) and checks what the robot would see
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -237,6 +238,26 @@ def test_a_signal_during_a_long_adaptation_stops_it_and_the_node_exits_0(ros_gra
     assert node.proc.wait(15) == 0, f"exit status {node.proc.returncode}\n{node.log()[-3000:]}"
     assert time.monotonic() - begun < 10.0
 
+
+
+def test_a_rollback_during_an_adaptation_abandons_it_so_the_meta_checkpoint_stays(ros_graph, tiny_checkpoint):
+    """An adaptation still running when /mql/rollback came used to publish its result afterwards, undoing
+    the rollback without a word (found by an audit)."""
+    probe = ros_graph.probe
+    watch(probe)
+    config = ros_graph.dir / "long.yaml"
+    config.write_text("adapt:\n  new_task_iters: 100000\n  archive_iters: 0\n")  # hours of updates
+    adapt_on_two_episodes(ros_graph, tiny_checkpoint, config_file=str(config))
+    probe.wait_for(lambda: any(d.get("state") == "running" for d in diagnostic_values(probe, "adaptation")), 20.0,
+                   "the adaptation running")
+    rollback = probe.call(Trigger, "mql/rollback", Trigger.Request())
+    assert rollback.success and "abandoned" in rollback.message, rollback.message
+    probe.wait_for(lambda: diagnostic_values(probe, "adaptation")[-1].get("state") == "idle", 20.0,
+                   "the adaptation stopped")
+    assert any("adaptation abandoned: /mql/rollback" in d["_message"] for d in diagnostic_values(probe, "adaptation"))
+    meta_sha = DeployedPolicy.from_checkpoint(tiny_checkpoint, ROBOT).sha256
+    assert [json.loads(m.data)["sha256"] for m in probe.received("mql/policy_update")] == [meta_sha]
+    assert not list((ros_graph.dir / "adapted").glob("*.pt"))
 
 
 def test_a_signal_while_the_node_loads_a_large_archive_stops_the_load_and_the_node_exits_0_promptly(

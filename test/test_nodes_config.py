@@ -70,3 +70,39 @@ def test_nodes_run_with_nothing_but_the_shipped_config(ros_graph):
         ros_graph.start(node, params_files=(CONFIG,))
     probe.wait_for(lambda: len(probe.received("arm_controller/commands")) > 25, 120.0, "commands flowing")
     assert all(p.proc.poll() is None for p in ros_graph.nodes.values()), ros_graph.logs()
+
+
+def test_adaptation_config_file_overrides_only_the_adapt_keys_it_names(ros_context, tiny_checkpoint, tmp_path):
+    from dataclasses import replace
+
+    from mql_ros.core.checkpoint import load_checkpoint
+
+    config = tmp_path / "adapt.yaml"
+    config.write_text("adapt:\n  archive_iters: 7\n")
+    node = make_node("adaptation", ros_context, [Parameter("checkpoint", value=str(tiny_checkpoint)),
+                                                 Parameter("config_file", value=str(config))])
+    try:
+        stored = load_checkpoint(tiny_checkpoint).config.adapt
+        assert stored.new_task_iters == 5  # not the library's default (10): what the file leaves alone stays
+        assert node.adapt_cfg == replace(stored, archive_iters=7)
+    finally:
+        node.destroy_node()
+
+
+def test_an_automatic_adaptation_that_cannot_start_says_why(ros_context, tiny_checkpoint):
+    import numpy as np
+
+    from mql_ros.core.episode import Episode
+    from mql_ros.core.robot import RobotSpec
+
+    robot = RobotSpec.from_urdf()
+    node = make_node("adaptation", ros_context, [Parameter("checkpoint", value=str(tiny_checkpoint)),
+                                                 Parameter("min_new_transitions", value=1),
+                                                 Parameter("held_out_episodes", value=3)])
+    try:
+        rng = np.random.default_rng(0)
+        node._collect(Episode("t/0", np.zeros((6, robot.obs_dim), np.float32), rng.uniform(-1, 1, (5, robot.act_dim)),
+                              rng.normal(size=5)))
+        assert "automatic adaptation not started: need at least 4 complete new-task episodes" in node.diag.message
+    finally:
+        node.destroy_node()

@@ -338,3 +338,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         d = _merge(d, overrides)
     return MQLConfig.from_dict(d)
 
+
+
+def adapt_config_over(base: AdaptConfig, path: str | Path) -> AdaptConfig:
+    """`base` (a checkpoint's adaptation settings) with the keys of the YAML file's `adapt:` section over it;
+    the file's other sections are not read (MQLConfig's own checks still apply to the merged adapt keys)."""
+    data = _read_yaml(path)
+    section = data.get("adapt") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: adapt: must be a mapping, got {type(section).__name__}")
+    return AdaptConfig.from_dict({**base.to_dict(), **section})

@@ -25,7 +25,7 @@ from std_srvs.srv import Trigger
 
 from mql_ros.core.adaptation import adapt, validate_update
 from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint, save_checkpoint
-from mql_ros.core.config import load_config
+from mql_ros.core.config import adapt_config_over
 from mql_ros.core.episode import Episode, newest_within
 from mql_ros.core.errors import AdaptationCancelled, ArchiveError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import unused_path
@@ -68,8 +68,9 @@ class AdaptationNode(Node):
         episodes_dir = declare(self, "episodes_dir", "", "directory each completed new-task episode is saved to "
                                "(<task>_<n>.npz, exactly what adaptation trains on); empty: not saved")
         self.episodes_dir = Path(episodes_dir).expanduser() if episodes_dir else None
-        self.min_new = declare(self, "min_new_transitions", 0, "adapt automatically once this many new-task "
-                               "transitions were collected (0: only on /mql/adapt)", 0, 10_000_000)
+        self.min_new = declare(self, "min_new_transitions", 0, "adapt automatically at every episode end while "
+                               "at least this many new-task transitions are held and no adaptation runs "
+                               "(0: only on /mql/adapt)", 0, 10_000_000)
         self.max_new = declare(self, "max_new_transitions", 100_000, "most new-task transitions kept in memory "
                                "(oldest episodes dropped first; the archive keeps everything)", 1, 100_000_000)
         if self.min_new > self.max_new:
@@ -80,11 +81,13 @@ class AdaptationNode(Node):
         self.margin = declare(self, "margin", 0.1, "refuse an update whose held-out Bellman score is worse "
                               "than the current policy's by more than this fraction of it", 0.0, 100.0)
         self.seed = declare(self, "seed", 0, "seed of adaptation's sampling", 0, 2**31 - 1)
-        config_file = declare(self, "config_file", "", "MQL YAML whose adapt: section overrides the "
-                              "checkpoint's; empty: the checkpoint's adaptation settings")
+        config_file = declare(self, "config_file", "", "MQL YAML (not a ROS parameter file) whose adapt: "
+                              "keys override the checkpoint's adaptation settings, key by key; empty: the "
+                              "checkpoint's settings")
         self.robot = declare_robot(self)
         self.meta = load_checkpoint(self.meta_path, expect_robot=self.robot)
-        self.adapt_cfg = load_config(config_file).adapt if config_file else self.meta.config.adapt
+        self.adapt_cfg = (adapt_config_over(self.meta.config.adapt, config_file) if config_file
+                          else self.meta.config.adapt)
         self.current_path, self.current_sha = self.meta_path, self.meta.sha256
 
         self._lock = threading.Lock()
@@ -94,6 +97,8 @@ class AdaptationNode(Node):
         self._collected = 0  # episodes collected since start (names the saved copies)
         self._commands = CommandPair()
         self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()  # set by /mql/rollback: the running adaptation is abandoned
+        self._publish_lock = threading.Lock()  # a rollback and a finished adaptation publish one at a time
         self._stopping = threading.Event()  # set by close(): the worker's adaptation stops at its next update
         self._replay: MultiTaskReplay | None = None
         self._runs = 0
@@ -234,7 +239,10 @@ class AdaptationNode(Node):
         self.diag.values.update({"task_id": self.task_id, "new_episodes": len(self.new_episodes),
                                  "new_transitions": n})
         if self.min_new and n >= self.min_new and not self._busy():
-            self._start("min_new_transitions reached")
+            started, why = self._start("min_new_transitions reached")
+            if not started:
+                self.diag.warn(f"automatic adaptation not started: {why}")
+                self.get_logger().warning(f"automatic adaptation not started: {why}")
 
     # ------------------------------------------------------------------ adaptation
     def _busy(self) -> bool:
@@ -248,20 +256,21 @@ class AdaptationNode(Node):
             if len(episodes) < self.held_out + 1:
                 return False, (f"need at least {self.held_out + 1} complete new-task episodes "
                                f"({self.held_out} held out for validation), have {len(episodes)}")
-            self._worker = threading.Thread(target=self._run, args=(episodes,), daemon=True)
+            self._cancel = threading.Event()
+            self._worker = threading.Thread(target=self._run, args=(episodes, self._cancel), daemon=True)
             self._worker.start()
         self.diag.values["state"] = "running"
         msg = f"adaptation started ({why}) on {len(episodes)} episodes of {episodes[-1].task_id}"
         self.get_logger().info(msg)
         return True, msg
 
-    def _run(self, episodes: list[Episode]) -> None:
+    def _run(self, episodes: list[Episode], cancel: threading.Event) -> None:
         train, held = episodes[: len(episodes) - self.held_out], episodes[len(episodes) - self.held_out:]
         try:
             agent = agent_from_checkpoint(self.meta)
             current = agent_from_checkpoint(load_checkpoint(self.current_path, expect_robot=self.robot))
             report = adapt(agent, train, self._archive_replay(), self.adapt_cfg, seed=self.seed + self._runs,
-                           stop=self._stopping.is_set)
+                           stop=lambda: self._stopping.is_set() or cancel.is_set())
             result = validate_update(agent, current, held or train, self.margin)
             self._runs += 1
             self.diag.values.update({"last_ess": report.ess, "last_lambda": report.proximal_lambda,
@@ -274,9 +283,15 @@ class AdaptationNode(Node):
             sha = save_checkpoint(path, agent, self.meta.family, self.robot,
                                   extra={"task_id": episodes[-1].task_id, "parent_sha256": self.meta.sha256,
                                          "adaptation": report.to_dict(), "validation": result.reason})
-            self._publish_update(str(path), sha)
+            with self._publish_lock:
+                if cancel.is_set():
+                    raise AdaptationCancelled("rolled back while it was being saved")
+                self._publish_update(str(path), sha)
             self.diag.ok(f"published adapted checkpoint {path.name}")
-        except AdaptationCancelled:  # the node is shutting down: nothing to report to
+        except AdaptationCancelled:  # shutting down (nothing to report to), or a rollback asked for it
+            if cancel.is_set():
+                self.diag.warn("adaptation abandoned: /mql/rollback was called while it ran")
+                self.get_logger().warning("adaptation abandoned: /mql/rollback was called while it ran")
             return
         except (MQLError, OSError, ValueError) as exc:
             self.diag.error(f"adaptation failed: {exc}")
@@ -318,8 +333,14 @@ class AdaptationNode(Node):
         return response
 
     def _on_rollback(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        self._publish_update(self.meta_path, self.meta.sha256)
-        response.success, response.message = True, f"republished the meta-trained checkpoint {self.meta_path}"
+        """Back to the meta-trained checkpoint, and it stays: an adaptation still running is abandoned."""
+        with self._publish_lock:
+            running = self._busy() and not self._cancel.is_set()
+            self._cancel.set()
+            self._publish_update(self.meta_path, self.meta.sha256)
+        response.success = True
+        response.message = (f"republished the meta-trained checkpoint {self.meta_path}"
+                            + ("; the adaptation in progress is abandoned" if running else ""))
         return response
 
     def close(self) -> None:
