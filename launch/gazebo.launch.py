@@ -1,6 +1,6 @@
 """The MQL graph on the arm simulated in Gazebo (Harmonic or newer) through ros2_control.
 
-    ros2 launch mql_ros gazebo.launch.py [world:=empty.sdf] [checkpoint:=PATH] [archive_dir:=DIR]
+    ros2 launch mql_ros gazebo.launch.py [world:=empty.sdf] [checkpoint:=PATH] [archive_dir:=DIR] [replay_dir:=DIR]
 
 Starts gz sim with the package's URDF, spawns it, bridges /clock, runs robot_state_publisher,
 joint_state_broadcaster and the two position forward_command_controllers of config/controllers.yaml, then
@@ -22,7 +22,9 @@ from launch_ros.parameter_descriptions import ParameterValue
 ARGUMENTS = {
     "world": ("empty.sdf", "Gazebo world file"),
     "checkpoint": ("", "meta-trained checkpoint; empty: the shipped checkpoints/arm_reach.pt"),
-    "archive_dir": ("~/.mql_ros/archive", "replay archive directory (rosbag2 MCAP bags)"),
+    "archive_dir": ("~/.mql_ros/archive", "directory the contract topics are recorded to (rosbag2 MCAP bags)"),
+    "replay_dir": ("", "archive of meta-training bags (mql-ros train --archive) that adaptation reweights by "
+                       "propensity; empty: new-task data and the proximal pull only"),
     "log_level": ("info", "log level of the MQL nodes"),
 }
 
@@ -59,6 +61,7 @@ def launch_setup(context: LaunchContext) -> list:
             PythonLaunchDescriptionSource(str(share / "launch" / "robot.launch.py")),
             launch_arguments={"checkpoint": LaunchConfiguration("checkpoint"),
                               "archive_dir": LaunchConfiguration("archive_dir"),
+                              "replay_dir": LaunchConfiguration("replay_dir"),
                               "robot_description": urdf, "use_sim_time": "true",
                               "gripper_states": "/joint_states",
                               "log_level": LaunchConfiguration("log_level")}.items()),

@@ -21,7 +21,9 @@ from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = {
     "checkpoint": ("", "meta-trained checkpoint; empty: the shipped checkpoints/arm_reach.pt"),
-    "archive_dir": ("~/.mql_ros/archive", "replay archive directory (rosbag2 MCAP bags)"),
+    "archive_dir": ("~/.mql_ros/archive", "directory the contract topics are recorded to (rosbag2 MCAP bags)"),
+    "replay_dir": ("", "archive of meta-training bags (mql-ros train --archive) that adaptation reweights by "
+                       "propensity; empty: new-task data and the proximal pull only"),
     "robot_description": ("", "URDF XML of the arm; empty: the package's urdf/mql_arm.urdf"),
     "params_file": ("", "parameter file for every MQL node (e.g. arm_joints, gripper_joints in a /** section), "
                         "read after config/mql.yaml; the launch arguments override it"),
@@ -60,7 +62,7 @@ def launch_setup(context: LaunchContext) -> list:
                     arguments=["--ros-args", "--log-level", arg("log_level")], output="screen")
 
     return [node("context_encoder", {}), node("policy", {"realtime_priority": arg("realtime_priority")}),
-            node("adaptation", {"archive_dir": as_string("archive_dir")})]
+            node("adaptation", {"archive_dir": as_string("archive_dir"), "replay_dir": as_string("replay_dir")})]
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -1,6 +1,6 @@
 """The MQL graph on the MuJoCo simulated arm: sim_arm + context_encoder + policy + adaptation.
 
-    ros2 launch mql_ros sim.launch.py [checkpoint:=PATH] [archive_dir:=DIR] [family:=arm_reach]
+    ros2 launch mql_ros sim.launch.py [checkpoint:=PATH] [archive_dir:=DIR] [replay_dir:=DIR] [family:=arm_reach]
         [task_split:=test] [task_index:=0] [namespace:=NS] [log_level:=info]
 
 Every node reads config/mql.yaml; the launch arguments override its task and file parameters.
@@ -15,7 +15,9 @@ from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = {
     "checkpoint": ("", "meta-trained checkpoint; empty: the shipped checkpoints/arm_reach.pt"),
-    "archive_dir": ("~/.mql_ros/archive", "replay archive directory (rosbag2 MCAP bags)"),
+    "archive_dir": ("~/.mql_ros/archive", "directory the contract topics are recorded to (rosbag2 MCAP bags)"),
+    "replay_dir": ("", "archive of meta-training bags (mql-ros train --archive) that adaptation reweights by "
+                       "propensity; empty: new-task data and the proximal pull only"),
     "family": ("arm_reach", "task family of the simulated arm"),
     "task_split": ("test", "split the simulated task is taken from: train, test or ood"),
     "task_index": ("0", "index of the simulated task in its split"),
@@ -47,6 +49,7 @@ def generate_launch_description() -> LaunchDescription:
                              "task_index": arg("task_index")}),
             node("context_encoder", {"checkpoint": as_string("checkpoint")}),
             node("policy", {"checkpoint": as_string("checkpoint")}),
-            node("adaptation", {"checkpoint": as_string("checkpoint"), "archive_dir": as_string("archive_dir")}),
+            node("adaptation", {"checkpoint": as_string("checkpoint"), "archive_dir": as_string("archive_dir"),
+                                "replay_dir": as_string("replay_dir")}),
         ]
     )
