@@ -2,8 +2,10 @@
 
 With a handful of new-task transitions, plain fine-tuning overfits. MQL instead re-uses the archive:
 a logistic propensity model tells new-task transitions from archived ones by their context, its odds
-weight every archived transition by how much it looks like the new task, and the normalized ESS of those
-weights sets a proximal pull toward the meta-trained weights (little usable archive -> stay close).
+weight every archived transition by how much it looks like the new task, and a proximal pull toward the
+meta-trained weights keeps the few new transitions from dragging the networks away: fixed (lambda 0.1, the
+authors' released setting and the default) or set from the normalized ESS of those weights (`proximal: ess`,
+lambda = 1 - ESS: little usable archive -> stay close).
 Every step can be switched off through AdaptConfig; with use_archive=False, use_propensity=False and
 proximal="off" this is exactly naive fine-tuning (training.finetune_config).
 

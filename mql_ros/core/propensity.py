@@ -2,7 +2,8 @@
 
 A logistic model separates new-task transitions from archived ones; its odds turn into importance weights
 for the archive, and the normalized effective sample size (ESS) of those weights says how much of the
-archive is usable, which sets the proximal coefficient (../shared/MQL.md steps 3, 4 and 7). The features
+archive is usable, which sets the proximal coefficient under `proximal: ess` (../shared/MQL.md steps 3, 4
+and 7; the default is the authors' fixed lambda, the ESS is reported either way). The features
 are few (a context vector, optionally with the observation), so an exact Newton solver converges to the
 optimum in a handful of steps; no scikit-learn needed.
 """
