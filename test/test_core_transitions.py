@@ -97,6 +97,20 @@ def test_pending_entry_is_the_open_step_with_the_latest_reward_after_its_command
     assert builder.pending_entry() is None
 
 
+def test_an_end_event_of_a_diverged_step_drops_that_step_instead_of_pairing_it_with_old_data(env):
+    builder = TransitionBuilder(env.robot)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "t"}))
+    a = np.zeros(env.robot.act_dim)
+    publish_state(builder, env, 10)
+    builder.on_command(20, *env.robot.action_to_commands(a))
+    builder.on_reward(30, -0.5)
+    publish_state(builder, env, 40)
+    builder.on_command(50, *env.robot.action_to_commands(a))  # step 1: the sim diverges, publishes nothing
+    assert builder.on_episode(60, json.dumps({"event": "end", "task_id": "t", "diverged": "qacc"})) is None
+    episode = builder.finish_episode()
+    assert len(episode) == 1 and episode.rewards.tolist() == [-0.5]
+
+
 def test_joint_states_are_matched_by_name_not_index(env):
     builder = TransitionBuilder(env.robot)
     q, dq, _, _ = env.joint_state()

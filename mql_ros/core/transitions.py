@@ -103,6 +103,8 @@ class StepRule:
             self.arm = self.grip = self.reward = None
             self.task_id = str(event.get("task_id") or self.default_task_id)
             return None
+        if event.get("diverged"):  # the sim published nothing of the last step: its reward and state are unknown
+            self.pending, self.rewarded = None, False
         return self.complete()
 
     def on_command(self, stamp_ns: int, action):
