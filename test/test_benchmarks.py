@@ -208,3 +208,20 @@ def test_target_inference_benchmark_reports_context_policy_and_observed_target_s
             assert m["return"] < 0, key
         # the oracle holds its tool at the target once there (0.0-0.1 cm from step 10 on the first held-out targets)
         assert row["oracle"]["distance_cm"]["49"] < 1.0
+
+
+@pytest.mark.ros
+def test_graph_return_benchmark_pairs_graph_episodes_with_ros_free_rollouts_of_the_same_seeds():
+    pytest.importorskip("rclpy")
+    out = _run("benchmarks/graph_return.py", "--tasks", "1", "--episodes", "1", "--repeats", "1", "--json")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    res = _last_json(out.stdout)
+    (row,) = res["tasks"]
+    assert row["task_id"] == "arm_reach/test/0" and len(row["seeds"]) == 1
+    assert 0 < row["rewards_per_episode"][0] <= 50
+    assert set(row["per_episode"]) == {"graph", "ros_free", "ros_free_late", "limited", "limited_late", "model"}
+    assert all(len(v) == 1 and math.isfinite(v[0]) and v[0] < 0 for v in row["per_episode"].values())
+    (run,) = res["runs"]
+    assert run["ticks"] > 0 and 0 <= run["held_ticks"] <= run["ticks"]
+    assert set(res["differences"]) >= {"graph - ROS-free", "graph - model"}
+    assert "graph - ROS-free" in out.stdout and "held ticks" in out.stdout

@@ -160,7 +160,8 @@ def test_time_going_backwards_is_rejected(env):
         builder.on_reward(50, 0.0)
 
 
-@pytest.mark.parametrize("payload", ["not json", json.dumps({"task_id": "x"}), json.dumps([1, 2])])
+@pytest.mark.parametrize("payload", ["not json", json.dumps({"task_id": "x"}), json.dumps([1, 2]),
+                                     "[" * 100_000])  # nested past the parser's recursion limit
 def test_malformed_episode_events_are_rejected(env, payload):
     with pytest.raises(InputError, match="episode event"):
         TransitionBuilder(env.robot).on_episode(0, payload)

@@ -156,6 +156,7 @@ BAD_STREAM = [  # (topic, message type, message, rejection counter)
     ("mql/episode", String, String(data=json.dumps({"task_id": "t/0"})), "episode"),  # no "event"
     ("mql/episode", String, String(data=json.dumps(["start"])), "episode"),
     ("mql/episode", String, String(data=json.dumps({"event": "pause"})), "episode"),
+    ("mql/episode", String, String(data="[" * 100_000), "episode"),  # past the JSON parser's recursion limit
 ]
 
 
@@ -195,7 +196,7 @@ def test_encoder_and_adaptation_reject_bad_rewards_episode_events_and_commands_a
         arm_pub.publish(Float64MultiArray(data=values))
         grip_pub.publish(Float64MultiArray(data=[0.01]))
         wait_until_counted({"command": i})
-    wait_until_counted({"reward": 3, "episode": 4, "command": 2})
+    wait_until_counted({"reward": 3, "episode": 5, "command": 2})
     assert probe.call(Trigger, "mql/reset_context", Trigger.Request()).success
     assert probe.call(Trigger, "mql/rollback", Trigger.Request()).success
     assert all(p.proc.poll() is None for p in ros_graph.nodes.values())

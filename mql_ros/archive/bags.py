@@ -30,7 +30,7 @@ from mql_ros.core.episode import Episode
 from mql_ros.core.errors import AdaptationCancelled, ArchiveError, IncompleteStep, InputError
 from mql_ros.core.paths import unused_path
 from mql_ros.core.robot import BagEncoding, RobotSpec
-from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.core.transitions import TransitionBuilder, parse_episode_event
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 JOINT_STATE, FLOAT64_ARRAY = "sensor_msgs/msg/JointState", "std_msgs/msg/Float64MultiArray"
@@ -180,8 +180,8 @@ class ArchiveRecorder:
     def record_episode(self, stamp_ns: int, event_json: str) -> None:
         self._do(lambda bag: bag.episode(stamp_ns, event_json))
         try:
-            ended = json.loads(event_json).get("event") == "end"
-        except (json.JSONDecodeError, AttributeError):
+            ended = parse_episode_event(event_json)["event"] == "end"
+        except InputError:
             ended = False
         if ended:
             self._ended_in_bag += 1
@@ -443,8 +443,8 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
     elif topic == "/mql/reward":
         builder.on_reward(stamp, msg.data)
     elif topic == "/mql/episode":
-        builder.on_episode(stamp, msg.data)
-        if json.loads(msg.data).get("event") == "end":
+        builder.on_episode(stamp, msg.data)  # InputError if malformed: then it is not an end either
+        if parse_episode_event(msg.data)["event"] == "end":
             episode = builder.finish_episode()
             if episode is not None:
                 episodes.append(episode)

@@ -43,6 +43,18 @@ class Transition:
     next_obs: np.ndarray
 
 
+def parse_episode_event(event_json: str) -> dict:
+    """An /mql/episode message as a dict whose "event" is "start" or "end"; InputError saying what is wrong
+    otherwise (not JSON, nested past what the parser can hold, not an object, no such event)."""
+    try:
+        event = json.loads(event_json)
+    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
+        raise InputError(f"episode event is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not isinstance(event, dict) or event.get("event") not in ("start", "end"):
+        raise InputError(f"episode event needs \"event\": \"start\" or \"end\", got {str(event_json)[:200]!r}")
+    return event
+
+
 class StepRule:
     """The step rule on opaque payloads: a state payload per arm/gripper reading, an action payload per
     joined command, a reward payload per reward. Observations come out as (arm, gripper) payload pairs.
@@ -90,12 +102,7 @@ class StepRule:
     def on_episode(self, stamp_ns: int, event_json: str):
         """A start event opens an episode of its task (dropping an unfinished one); an end event completes
         the last pending transition. Returns that transition's (task, s, a, r, s'), if any."""
-        try:
-            event = json.loads(event_json)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise InputError(f"episode event is not JSON: {exc}") from exc
-        if not isinstance(event, dict) or event.get("event") not in ("start", "end"):
-            raise InputError(f"episode event needs \"event\": \"start\" or \"end\", got {event_json!r}")
+        event = parse_episode_event(event_json)
         self.advance(stamp_ns)
         self.delimited = True
         if event["event"] == "start":  # state and reward from before it belong to the last episode

@@ -30,7 +30,7 @@ from mql_ros.core.episode import Episode, newest_within
 from mql_ros.core.errors import AdaptationCancelled, ArchiveError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import unused_path
 from mql_ros.core.replay import MultiTaskReplay
-from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.core.transitions import TransitionBuilder, parse_episode_event
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
     EPISODE,
@@ -357,10 +357,9 @@ class AdaptationNode(Node):
 def _event(data: str) -> str | None:
     """The "event" of an episode message, None if it is malformed (the step rule then says why)."""
     try:
-        event = json.loads(data)
-    except json.JSONDecodeError:
+        return parse_episode_event(data)["event"]
+    except InputError:
         return None
-    return event.get("event") if isinstance(event, dict) else None
 
 
 def main(args: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ the current episode's steps are replayed through the new encoder so the context 
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
@@ -26,7 +25,7 @@ from std_srvs.srv import Trigger
 from mql_ros.core.errors import CheckpointError, InputError, MQLError
 from mql_ros.core.runtime import DeployedPolicy
 from mql_ros.core.safety import accept_update, parse_update
-from mql_ros.core.transitions import TransitionBuilder
+from mql_ros.core.transitions import TransitionBuilder, parse_episode_event
 from mql_ros.nodes.common import (
     ARM_COMMANDS,
     CONTEXT,
@@ -123,12 +122,12 @@ class ContextEncoderNode(Node):
 
     def _on_episode(self, msg: String) -> None:
         try:
-            event = json.loads(msg.data)
-        except json.JSONDecodeError as exc:
-            self.diag.reject("episode", f"not JSON: {exc}")
+            event = parse_episode_event(msg.data)
+        except InputError as exc:
+            self.diag.reject("episode", str(exc))
             return
         self._guard("episode", lambda t: self.builder.on_episode(t, msg.data))
-        if isinstance(event, dict) and event.get("event") == "start":
+        if event["event"] == "start":
             self.reset(f"episode start ({event.get('task_id', '?')})")
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
