@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mql_ros.core.errors import InputError
+from mql_ros.core.errors import IncompleteStep, InputError
 from mql_ros.core.transitions import TransitionBuilder
 from mql_ros.sim.families import ArmReachFamily
 
@@ -109,6 +109,33 @@ def test_an_end_event_of_a_diverged_step_drops_that_step_instead_of_pairing_it_w
     assert builder.on_episode(60, json.dumps({"event": "end", "task_id": "t", "diverged": "qacc"})) is None
     episode = builder.finish_episode()
     assert len(episode) == 1 and episode.rewards.tolist() == [-0.5]
+
+
+def test_a_first_state_handled_between_the_end_and_the_start_event_opens_the_new_episode(env):
+    """The sim publishes end, start, first state; a wait-set executor may hand over the state before the start."""
+    builder = TransitionBuilder(env.robot)
+    stream_episode(builder, env, np.zeros((3, env.robot.act_dim)), task_id="t/0")  # ends with an end event
+    builder.finish_episode()
+    env.reset(seed=1)
+    first = env.robot.observation(*env.joint_state())
+    publish_state(builder, env, 10**9)  # the new episode's first state, before its start event
+    builder.on_episode(10**9 + 5, json.dumps({"event": "start", "task_id": "t/1"}))
+    a = np.zeros(env.robot.act_dim)
+    builder.on_command(10**9 + 10, *env.robot.action_to_commands(a))
+    builder.on_reward(10**9 + 20, -0.3)
+    publish_state(builder, env, 10**9 + 30)
+    done = builder.on_command(10**9 + 40, *env.robot.action_to_commands(a))
+    assert done.task_id == "t/1" and done.reward == -0.3
+    np.testing.assert_allclose(done.obs, first, atol=1e-6)
+
+
+def test_a_state_before_a_start_event_without_an_end_is_not_the_new_episodes(env):
+    builder = TransitionBuilder(env.robot)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "t/0"}))
+    publish_state(builder, env, 10)
+    builder.on_episode(20, json.dumps({"event": "start", "task_id": "t/1"}))  # cut without an end
+    with pytest.raises(IncompleteStep, match="no arm joint state received in this episode yet"):
+        builder.on_command(30, *env.robot.action_to_commands(np.zeros(env.robot.act_dim)))
 
 
 def test_joint_states_are_matched_by_name_not_index(env):

@@ -73,6 +73,7 @@ class StepRule:
         self.reward = None  # latest (stamp, reward payload) of this episode
         self.pending = None  # (stamp, s_k, a_k) awaiting r_k and s_{k+1}
         self.rewarded = False  # a reward arrived since the pending command: r_k as it stands
+        self.ended = False  # the latest event was an end: states from now on are the next episode's
         self.last_stamp = -1
         self.delimited = False  # seen an /mql/episode event: events, not time gaps, delimit episodes
         self.finished: list[tuple] = []  # episodes ended by a time gap, for the caller to take
@@ -105,14 +106,23 @@ class StepRule:
         event = parse_episode_event(event_json)
         self.advance(stamp_ns)
         self.delimited = True
-        if event["event"] == "start":  # state and reward from before it belong to the last episode
+        if event["event"] == "start":
+            # A reward from before it belongs to the last episode, and so does a state, unless it came after that
+            # episode's end event: the sim publishes end, start, first state, but a wait-set executor handles
+            # the state topic before the episode topic when both are ready, so the first state can come first.
             self.clear_episode()
-            self.arm = self.grip = self.reward = None
+            if not self.ended:
+                self.arm = self.grip = None
+            self.reward, self.ended = None, False
             self.task_id = str(event.get("task_id") or self.default_task_id)
             return None
         if event.get("diverged"):  # the sim published nothing of the last step: its reward and state are unknown
             self.pending, self.rewarded = None, False
-        return self.complete()
+        try:
+            return self.complete()
+        finally:  # the last episode's final state: the next episode starts from another
+            self.arm = self.grip = None
+            self.ended = True
 
     def on_command(self, stamp_ns: int, action):
         """Command k (already advanced past and turned into an action payload): completes transition k-1
