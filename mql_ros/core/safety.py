@@ -94,9 +94,10 @@ class CommandGuard:
         self._step = np.array([limits.max_arm_step] * n + [limits.max_gripper_step])
         self._last: np.ndarray | None = None  # the last command, arm then gripper
 
-    def reset(self) -> None:
-        """Forget the last command (the next one is rate limited from the measured positions)."""
-        self._last = None
+    def reset(self, previous: np.ndarray | None = None) -> None:
+        """Forget the last command: the next one is rate limited from the measured positions, or from
+        `previous` (arm then gripper, a command published before, e.g. by another guard)."""
+        self._last = None if previous is None else np.asarray(previous, dtype=np.float64).copy()
 
     def expire_inputs(self, reason: str) -> None:
         """Make every input stale until a new one arrives, keeping its value so holding still commands the last
