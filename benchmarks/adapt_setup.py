@@ -17,7 +17,7 @@ from mql_ros.core.td3 import TD3Context
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoints/arm_reach.pt")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--adapt-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400")
     parser.add_argument("--json", action="store_true")
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ import numpy as np
 from mql_ros.core.errors import MQLError
 
 SPLITS = ("train", "test", "ood")
+MAX_THREADS = 256  # torch segfaulted at exit from 32768 threads; no machine this runs on has more cores
+MAX_NEW_STEPS = 10_000_000  # new-task transitions: a run of 1e22 would never end (one episode is 50-200)
 
 
 def _family_arg(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -25,7 +31,8 @@ def _family_arg(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _adapt_set_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapt-set", nargs="+", default=[], metavar="KEY=VALUE",
+    # extend: a repeated --adapt-set adds its items (the default `store` kept only the last occurrence)
+    parser.add_argument("--adapt-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override the checkpoint's stored adapt: settings, e.g. archive_iters=400 proximal=ess")
 
 
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", help="archive directory of the meta-training data (default: per-task snapshots "
                                      "rolled out anew with the meta policy on the family's train tasks)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bags", nargs="+", help="recorded bags of the new task (offline adaptation)")
+    src.add_argument("--bags", nargs="+", action="extend", help="recorded bags of the new task (offline adaptation)")
     src.add_argument("--task-index", type=int, help="collect the new-task data in simulation (with --family)")
     _family_arg(p, required=False)
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -91,16 +98,84 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=1,
                        help="torch threads; more help only on an idle machine (on a loaded 2-core one, 2 threads "
-                            "ran the update 15x slower than 1)")
+                            f"ran the update 15x slower than 1); 1..{MAX_THREADS}")
     return parser
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM as one KeyboardInterrupt, so that every command stops the same way on Ctrl-C, `kill`,
+    `timeout` or `docker stop` (exit 1, "interrupted"), and further ones are ignored while it cleans up.
+
+    A SIGTERM killed the process at once (the open bag of `train --archive` lost), and a second SIGINT cut
+    the recorder's close short (a bag without metadata.yaml). Code that must not be cut (writing or closing a
+    bag) runs in `deferred()`: a signal then takes effect when the block ends."""
+
+    def __init__(self) -> None:
+        self.signal_name = ""  # of the signal that stopped the run
+        self._depth = 0
+        self._pending = ""
+
+    def install(self):
+        """Handle SIGINT (unless ignored, as in a background job) and SIGTERM; returns the restorer."""
+        self.signal_name, self._depth, self._pending = "", 0, ""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda keep_ignoring=False: None
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is signal.SIG_IGN:  # nohup, `cmd &` from a script: the user asked not to be stopped by it
+                continue
+            previous[sig] = old
+            signal.signal(sig, self._handler)
+
+        def restore(keep_ignoring: bool = False) -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, signal.SIG_IGN if keep_ignoring else old)
+
+        return restore
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal_name:  # the run is already stopping: let its cleanup finish
+            return
+        name = signal.Signals(signum).name
+        if self._depth:
+            self._pending = self._pending or name
+            return
+        self.signal_name = name
+        raise KeyboardInterrupt(name)
+
+    @contextmanager
+    def deferred(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending and not self.signal_name:
+            self.signal_name, self._pending = self._pending, ""
+            raise KeyboardInterrupt(self.signal_name)
+
+    def deferring(self, fn):
+        """fn run in deferred(): e.g. the recorder's add, called for every episode."""
+        def call(*args, **kwargs):
+            with self.deferred():
+                return fn(*args, **kwargs)
+        return call
+
+
+INTERRUPTS = _Interrupts()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    restore = INTERRUPTS.install()
     try:
         _threads(args.threads)
         if hasattr(args, "seed"):  # every command but archive
             _check_seed(args.seed)
+        _check_not_empty(args)
         return COMMANDS[args.command](args)
     except MQLError as e:
         print(f"mql-ros {args.command}: {e}", file=sys.stderr)
@@ -109,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mql-ros {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mql-ros {args.command}: interrupted", file=sys.stderr)
+        how = f" ({INTERRUPTS.signal_name})" if INTERRUPTS.signal_name == "SIGTERM" else ""
+        print(f"mql-ros {args.command}: interrupted{how}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 -- the contract: anything unexpected is exit 1 with a reason
         print(f"mql-ros {args.command}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        # From the command line (argv None) the process ends next: a further signal must not turn the clean
+        # exit into a traceback. Called in-process (tests), the caller's handlers come back.
+        restore(keep_ignoring=argv is None and bool(INTERRUPTS.signal_name))
 
 
 def cmd_train(args) -> int:
@@ -121,19 +201,24 @@ def cmd_train(args) -> int:
     from mql_ros.core.checkpoint import save_checkpoint
     from mql_ros.core.config import continued_config, load_config
     from mql_ros.core.errors import InputError
-    from mql_ros.core.tasks import resolve_family
     from mql_ros.core.training import meta_train
 
     if args.steps < 1:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
     _check_writable("--out", args.out)
-    family = resolve_family(args.family)
+    png = out.with_suffix(".png")
+    _check_distinct([("--out", out), ("its learning curve", png)]
+                    + ([("--archive", Path(args.archive))] if args.archive else []))
+    _check_writable("--out", args.out, side=png)
+    family = _resolve_family(args.family)
     init, extra = None, {}
     if args.init:
         init, ckpt = _load_agent(args.init)
         # the checkpoint names its family as --family did: a built-in name or "package.module:attribute"
-        if ckpt.family not in (args.family, family.name) and resolve_family(ckpt.family).name != family.name:
+        if ckpt.family not in (args.family, family.name) and _resolve_family(ckpt.family).name != family.name:
             raise InputError(f"--init {args.init} was trained on {ckpt.family!r}, not on {family.name!r}")
+        before = _init_curve(args.init, ckpt)  # checked now, not after the whole run
         cfg = continued_config(ckpt.config, args.config)
         extra["init"] = {"checkpoint": args.init, "sha256": ckpt.sha256, "command": ckpt.extra.get("command"),
                          "steps": ckpt.extra.get("steps")}
@@ -142,22 +227,36 @@ def cmd_train(args) -> int:
     encoding = _family_encoding(family)
     recorder = _archive_writer(args.archive, family, encoding) if args.archive else None
     try:
+        # a signal while an episode is being written to the bag takes effect once it is written
         agent, curve = meta_train(family, cfg, args.steps, seed=args.seed, progress=not args.no_progress,
-                                  on_episode=recorder.add if recorder else None, init=init)
+                                  on_episode=INTERRUPTS.deferring(recorder.add) if recorder else None, init=init)
     finally:
         if recorder is not None:
-            recorder.close()
+            with INTERRUPTS.deferred():  # a second Ctrl-C or a SIGTERM must not leave the open bag unfinished
+                recorder.close()
     if init is not None:  # the learning curve goes on from where the initial checkpoint's ended
-        before = ckpt.extra.get("curve") or []
         step0, sec0 = (before[-1]["step"], before[-1]["seconds"]) if before else (0, 0.0)
         curve = before + [{**e, "step": e["step"] + step0, "seconds": e["seconds"] + sec0} for e in curve]
-    out = Path(args.out)
     sha = save_checkpoint(out, agent, args.family, encoding,
                           extra={"curve": curve, "steps": args.steps, "seed": args.seed,
                                  "command": "mql-ros " + " ".join(sys.argv[1:]), **extra})
-    png = plots.learning_curve(curve, out.with_suffix(".png"), f"meta-training on {family.name}")
+    png = plots.learning_curve(curve, png, f"meta-training on {family.name}")
     print(f"wrote {out} (sha256 {sha[:12]}), learning curve {png}")
     return 0
+
+
+def _init_curve(path: str, ckpt) -> list[dict]:
+    """The learning curve of the --init checkpoint, which the new run's curve continues: a list of entries with
+    a numeric step and seconds (a hand-edited one failed after the whole training run)."""
+    from mql_ros.core.errors import CheckpointError
+
+    curve = ckpt.extra.get("curve") or []
+    for i, e in enumerate(curve if isinstance(curve, list) else [None]):
+        if not (isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool)
+                                            for k in ("step", "seconds"))):
+            raise CheckpointError(f"checkpoint {path}: extra.curve[{i}] is not a learning-curve entry (a mapping "
+                                  f"with numeric step and seconds), got {str(e)[:100]!r}: --init cannot continue it")
+    return curve
 
 
 def cmd_eval(args) -> int:
