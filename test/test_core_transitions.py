@@ -138,6 +138,24 @@ def test_a_state_before_a_start_event_without_an_end_is_not_the_new_episodes(env
         builder.on_command(30, *env.robot.action_to_commands(np.zeros(env.robot.act_dim)))
 
 
+def test_a_step_dropped_for_want_of_a_reward_does_not_take_the_next_command_with_it(env):
+    """A command computed from the last episode's final state can reach the encoder after the next episode's
+    first state; the step it opens has no reward and is dropped, but the episode's real first command stays."""
+    builder = TransitionBuilder(env.robot)
+    builder.on_episode(0, json.dumps({"event": "start", "task_id": "t"}))
+    publish_state(builder, env, 10)
+    late = np.full(env.robot.act_dim, 0.5)
+    builder.on_command(20, *env.robot.action_to_commands(late))  # no reward follows it
+    first = np.zeros(env.robot.act_dim)
+    with pytest.raises(IncompleteStep, match="no reward"):
+        builder.on_command(30, *env.robot.action_to_commands(first))
+    builder.on_reward(40, -0.2)
+    publish_state(builder, env, 50)
+    done = builder.on_command(60, *env.robot.action_to_commands(first))
+    assert done.reward == -0.2
+    np.testing.assert_allclose(done.action, first, atol=1e-12)
+
+
 def test_joint_states_are_matched_by_name_not_index(env):
     builder = TransitionBuilder(env.robot)
     q, dq, _, _ = env.joint_state()

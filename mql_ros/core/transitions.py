@@ -127,17 +127,22 @@ class StepRule:
     def on_command(self, stamp_ns: int, action):
         """Command k (already advanced past and turned into an action payload): completes transition k-1
         (returned as (task, s, a, r, s')) and opens transition k."""
-        done = None
+        done, dropped = None, None
         if self.pending is not None:
-            if not self.delimited and stamp_ns - self.pending[0] > self.episode_gap_ns:  # a plain recording
-                self.complete()
+            gap = not self.delimited and stamp_ns - self.pending[0] > self.episode_gap_ns  # a plain recording
+            try:
+                done = self.complete()
+            except IncompleteStep as exc:  # step k-1 is dropped; command k still opens step k
+                dropped = exc
+            if gap:
+                done = None
                 episode = self.finish_episode()
                 if episode is not None:
                     self.finished.append(episode)
-            else:
-                done = self.complete()
         self.pending = (stamp_ns, self.state("command"), action)
         self.rewarded = False
+        if dropped is not None:
+            raise dropped
         return done
 
     def finish_episode(self) -> tuple | None:
