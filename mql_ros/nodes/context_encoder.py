@@ -6,7 +6,8 @@ reward that followed command t arrives (a preview of step t's entry; a later rew
 previewed again, and command t+1 pushes the entry the step rule gives), not only when command t+1 completes
 the step: the policy computes command t+1 from a context that holds step t, as in training and in
 `mql-ros eval`. One step late, the shipped policy returned -3.93 instead of -2.24 on held-out targets.
-The context restarts from zero at every episode start and on /mql/reset_context. It follows
+The context restarts from zero at every episode start (published with the episode's first arm state, so
+that it too follows the state it goes with) and on /mql/reset_context. It follows
 /mql/policy_update like the policy node does (same validation), because a new actor needs its own encoder;
 the current episode's steps are replayed through the new encoder so the context stays consistent.
 """
@@ -61,6 +62,7 @@ class ContextEncoderNode(Node):
         self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
         self._commands = CommandPair()
         self._previewed = False  # the context of the open step went out already, from its reward
+        self._zero_due = False  # an episode started: its zero context goes out with its first arm state
         self._published = 0
         self.diag = Diagnostics(self)
         self.diag.values["checkpoint_sha256"] = self.policy.sha256
@@ -102,6 +104,9 @@ class ContextEncoderNode(Node):
     def _on_arm_state(self, msg: JointState) -> None:
         self._guard("joint_state", lambda t: self.builder.on_joint_state(
             t, list(msg.name), list(msg.position), list(msg.velocity)))
+        if self._zero_due:
+            self._zero_due = False
+            self._publish(np.zeros(self.policy.context_dim, dtype=np.float32))
 
     def _on_gripper_state(self, msg: JointState) -> None:
         self._guard("gripper_state", lambda t: self.builder.on_gripper_state(
@@ -128,7 +133,8 @@ class ContextEncoderNode(Node):
             return
         self._guard("episode", lambda t: self.builder.on_episode(t, msg.data))
         if event["event"] == "start":
-            self.reset(f"episode start ({event.get('task_id', '?')})")
+            self.reset(f"episode start ({event.get('task_id', '?')})", publish=False)
+            self._zero_due = True
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         self._on_command("arm", msg)
@@ -168,13 +174,15 @@ class ContextEncoderNode(Node):
         self._published += 1
         self.diag.values.update({"published": self._published, "episode_steps": len(self._steps)})
 
-    def reset(self, why: str) -> None:
-        """Zero context and empty history; published at once so the policy has a context for step 0."""
+    def reset(self, why: str, publish: bool = True) -> None:
+        """Zero context and empty history; published at once (unless `publish` is False) so the policy has a
+        context for step 0."""
         with self._lock:
             self.encoder.reset()
             self._steps.clear()
             z = np.zeros(self.policy.context_dim, dtype=np.float32)
-        self._publish(z)
+        if publish:
+            self._publish(z)
         self.diag.ok(f"reset: {why}")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:

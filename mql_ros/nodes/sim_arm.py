@@ -4,8 +4,9 @@ It behaves like a robot driver: a lifecycle node (configure builds the simulator
 services, activate starts the clock, deactivate stops it, cleanup destroys what configure built), it holds
 the last targets when no command arrives and rejects malformed commands with a reason on /diagnostics
 instead of crashing. Each tick of `sim_rate` advances the physics by 1/sim_rate with the current targets,
-then publishes the reward of that step and the new joint states (reward before state, so the step rule can
-pair each command with the reward that followed it). A step whose physics diverged, or whose reward or
+then publishes the new joint states and the reward of that step (both before the next command, so the step
+rule pairs each command with them; the state first, so that the context the encoder sends on the reward
+finds the state it goes with already at the policy). A step whose physics diverged, or whose reward or
 state is not finite (as float32), is never published: the episode ends there (its end event says why,
 as does the log and /diagnostics) and a new one starts from the home pose.
 """
@@ -276,8 +277,8 @@ class SimArmNode(LifecycleNode):
             if problem:
                 self._end_diverged_episode(problem)
                 return
-            self._reward_pub.publish(Float64(data=reward))
             self._publish_state()
+            self._reward_pub.publish(Float64(data=reward))
             self.diag.values.update({"episode": self._episode, "step": self._step, "task_id": self._episode_id})
             if reset or self._step >= self.episode_steps:
                 self._publish_event("end", self._episode_id)
