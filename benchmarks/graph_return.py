@@ -44,7 +44,8 @@ average and each node's CPU share are printed, since on this 2-core machine othe
 Prints numbers; asserts nothing.
 
     python benchmarks/graph_return.py [--checkpoint checkpoints/arm_reach.pt] [--family arm_reach]
-        [--split test] [--tasks 5] [--episodes 2] [--repeats 2] [--seed 0] [--max-arm-step 0.5] [--json]
+        [--split test] [--tasks 5] [--episodes 2] [--repeats 2] [--seed 0] [--max-arm-step 0.5]
+        [--trigger timer|state|context] [--json]
 """
 
 from __future__ import annotations
@@ -201,6 +202,9 @@ def main() -> int:
                     "(its max_arm_step parameter, default 0.5), given to the node and used in the 'limited' "
                     "ROS-free columns")
     ap.add_argument("--max-gripper-step", type=float, default=0.035, help="m: the policy's max_gripper_step")
+    ap.add_argument("--trigger", default="timer", choices=("timer", "state", "context"),
+                    help="the policy's trigger: timer (its own clock, at an arbitrary phase to the sim's) or "
+                    "context (one command per context, in step with the encoder and the sim)")
     ap.add_argument("--episode-timeout", type=float, default=60.0,
                     help="s to wait for each measured episode before giving up (a loaded machine is slow)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -224,7 +228,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mql_ros_graph_return_"))
     load0 = os.getloadavg()
     print(f"graph_return: {family.name}/{args.split}, {args.tasks} tasks x {args.episodes} episodes x "
-          f"{args.repeats} graph runs, episodes of {steps} "
+          f"{args.repeats} graph runs, policy trigger {args.trigger}, max_arm_step {args.max_arm_step:g}, "
+          f"episodes of {steps} "
           f"steps at {rate:g} Hz, checkpoint {Path(ckpt).name} ({policy.sha256[:12]}), domain {domain}, "
           f"{os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, work dir {work}")
 
@@ -350,7 +355,7 @@ def graph_run(args, r: int, family, rate: float, steps: int, ckpt: str, domain: 
                               "seed": seed, "episode_steps": steps, "sim_rate": rate},
                   "context_encoder": {"checkpoint": ckpt},
                   "policy": {"checkpoint": ckpt, "control_rate": rate, "max_arm_step": args.max_arm_step,
-                             "max_gripper_step": args.max_gripper_step}}
+                             "max_gripper_step": args.max_gripper_step, "trigger": args.trigger}}
         for name in NODES:
             nodes[name] = NodeProcess(name, params[name], domain, work, name=f"{name}_{r}")
         wait_control_loop_connected(probe, timeout=120.0)

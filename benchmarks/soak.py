@@ -13,8 +13,9 @@ Reported, for the measured window after `--warmup`:
     published them (the target), and on their arrival in this process (adds DDS delivery and this busy
     process's own scheduling: it also plays the driver); held ticks (published but holding) from the
     policy's /diagnostics; the rate the driver really achieved;
-  * context lag: for each /mql/context, its arrival here minus the arrival of the arm command that
-    completed its step (both received by this process, one monotonic clock), and contexts per command;
+  * context lag: for each /mql/context, its arrival here minus the publication of the latest reward before it
+    (the encoder publishes a step's context when the step's reward arrives; both on this process's monotonic
+    clock), and contexts per command;
   * resident memory (VmRSS from /proc/PID/status) of each node every `--sample-period`: a least-squares
     slope and the growth it implies over the whole window, and over its second half, which is what "flat"
     is judged on (fitted growth within 3x the residual noise there): the first minutes hold the allocator's
@@ -129,6 +130,7 @@ class Driver:
         self.per_episode = max(1, round(episode_seconds * state_rate))
         self.episodes = 0
         self.late = 0  # states published more than one period after their slot
+        self.reward_times: list[float] = []  # monotonic s of each reward published
 
     def episode(self, event: str) -> None:
         if event == "start":
@@ -160,12 +162,13 @@ class Driver:
             if i % self.per_reward == 0:
                 self.reward.data = -abs(self.arm.position[0])
                 self.reward_pub.publish(self.reward)
+                self.reward_times.append(time.monotonic())
             k += 1
 
 
-def context_lag(commands: list[float], contexts: list[float]) -> np.ndarray:
-    """For each context, its arrival minus that of the latest arm command before it (s)."""
-    c = np.asarray(commands)
+def context_lag(rewards: list[float], contexts: list[float]) -> np.ndarray:
+    """For each context, its arrival minus the publication of the latest reward before it (s)."""
+    c = np.asarray(rewards)
     z = np.asarray(contexts)
     i = np.searchsorted(c, z, side="right") - 1
     ok = i >= 0
@@ -271,7 +274,7 @@ def main() -> int:
     ctx_t = np.array([t for t, _ in probe.stamped("mql/context") if since <= t <= until])
     frac, achieved, slots = timer_on_time(cmd_t, args.control_rate, args.tolerance_ms * 1e-3)
     held = (int(held1[-1]["held_ticks"]) - int(held0[-1]["held_ticks"])) if held0 and held1 else -1
-    lag = context_lag([t for t, _ in probe.stamped("arm_controller/commands")], list(ctx_t)) * 1e3
+    lag = context_lag(driver.reward_times, list(ctx_t)) * 1e3
     states = k - k_start
     print(f"driver: {states} states in {until - since:.1f} s = {states / (until - since):.1f} Hz, "
           f"{driver.late} published > 1 period late; {driver.episodes} episodes")
@@ -282,7 +285,7 @@ def main() -> int:
     if reasons:
         print("policy statuses other than running (1 Hz diagnostics): " + "; ".join(
             f"{n}x {m}" for m, n in reasons.most_common(5)))
-    print(f"context lag (context arrival - its command's arrival): median {np.median(lag):.2f} ms, p99 "
+    print(f"context lag (context arrival - its reward's publication): median {np.median(lag):.2f} ms, p99 "
           f"{np.percentile(lag, 99):.2f} ms, max {lag.max():.2f} ms; {len(ctx_t)} contexts per "
           f"{len(cmd_t)} commands")
     t = np.array([r[0] for r in sampler.rows]) - since

@@ -1,10 +1,10 @@
 """`context_encoder`: turns the message stream into transitions (the shared step rule) and the GRU context.
 
 Each completed step (s_t, a_t, r_t) is pushed into the checkpoint's StreamingContext, so the policy node reads
-the same context the learner computes from the same transitions. The context is published as soon as the
-reward that followed command t arrives (a preview of step t's entry; a later reward before command t+1 is
-previewed again, and command t+1 pushes the entry the step rule gives), not only when command t+1 completes
-the step: the policy computes command t+1 from a context that holds step t, as in training and in
+the same context the learner computes from the same transitions. The context is published when the reward
+that followed command t arrives (a preview of step t's entry; a later reward before command t+1 is previewed
+and published again; command t+1 pushes the entry the step rule gives, without publishing), not when command
+t+1 completes the step: the policy computes command t+1 from a context that holds step t, as in training and in
 `mql-ros eval`. One step late, the shipped policy returned -3.93 instead of -2.24 on held-out targets.
 The context restarts from zero at every episode start (published with the episode's first arm state, so
 that it too follows the state it goes with) and on /mql/reset_context. It follows
@@ -61,7 +61,6 @@ class ContextEncoderNode(Node):
         self._last_stamp = 0
         self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
         self._commands = CommandPair()
-        self._previewed = False  # the context of the open step went out already, from its reward
         self._zero_due = False  # an episode started: its zero context goes out with its first arm state
         self._published = 0
         self.diag = Diagnostics(self)
@@ -118,7 +117,6 @@ class ContextEncoderNode(Node):
             with self._lock:
                 entry = self.builder.pending_entry()
                 z = self.encoder.preview(*entry) if entry is not None else None
-                self._previewed = self._previewed or z is not None
         except (MQLError, ValueError) as exc:
             self.diag.reject("context", str(exc))
             return
@@ -150,24 +148,20 @@ class ContextEncoderNode(Node):
         # Stamped again inside the guarded section: another callback may have fed a newer message between
         # the two locked sections, and the step rule refuses time going backwards.
         transition = self._guard("command", lambda t: self.builder.on_command(t, step[1], step[2]))
-        with self._lock:
-            previewed, self._previewed = self._previewed, False
         if transition is not None:
-            self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward),
-                       publish=not previewed)
+            self._push(np.asarray(transition.obs), np.asarray(transition.action), float(transition.reward))
 
     # ------------------------------------------------------------------ the context
-    def _push(self, obs: np.ndarray, action: np.ndarray, reward: float, publish: bool) -> None:
-        """Add a completed step; publish its context unless its reward's preview (the same entry) already did."""
+    def _push(self, obs: np.ndarray, action: np.ndarray, reward: float) -> None:
+        """Add a completed step. Its context went out already, on its reward (the same entry); publishing it
+        again on a command would, with a policy acting on each context, answer every command with a context
+        and every context with a command."""
         try:
             with self._lock:
-                z = self.encoder.push(obs, action, reward)
+                self.encoder.push(obs, action, reward)
                 self._steps.append((obs, action, reward))
         except (MQLError, ValueError) as exc:  # e.g. a step the context cannot hold: reported, never fatal
             self.diag.reject("context", str(exc))
-            return
-        if publish:
-            self._publish(z)
 
     def _publish(self, z: np.ndarray) -> None:
         self._pub.publish(Float32MultiArray(data=np.asarray(z, dtype=np.float32).tolist()))
@@ -208,7 +202,6 @@ class ContextEncoderNode(Node):
             entry = self.builder.pending_entry()  # the open step's reward came: its context is the current one
             if entry is not None:
                 z = context.preview(*entry)
-                self._previewed = True
             self.policy, self.encoder = candidate, context
         self.diag.values["checkpoint_sha256"] = candidate.sha256
         self._publish(z)
