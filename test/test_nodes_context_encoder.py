@@ -44,6 +44,15 @@ def test_encoder_publishes_a_zero_context_on_reset_and_with_an_episodes_first_ar
     assert len(contexts) == 1, "a context before the episode's first state"
     arm.publish(JointState(name=list(robot.arm_joints), position=[0.0] * 4, velocity=[0.0] * 4))
     probe.wait_for(lambda: len(contexts) >= 2, 10.0, "the zero context with the episode's first arm state")
+    # The next episode's first state handled before its start event (a wait-set executor takes the state topic
+    # first): the zero context goes out with the start event itself.
+    episode.publish(String(data=json.dumps({"event": "end", "task_id": "t/0"})))
+    time.sleep(0.3)
+    arm.publish(JointState(name=list(robot.arm_joints), position=[0.1] * 4, velocity=[0.0] * 4))
+    time.sleep(0.3)
+    assert len(contexts) == 2
+    episode.publish(String(data=json.dumps({"event": "start", "task_id": "t/1", "task": {}})))
+    probe.wait_for(lambda: len(contexts) >= 3, 10.0, "the zero context with a start that follows its first state")
     assert all(len(m.data) == dim and np.allclose(m.data, 0.0) for m in probe.received("mql/context"))
 
 

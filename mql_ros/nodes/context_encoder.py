@@ -130,9 +130,9 @@ class ContextEncoderNode(Node):
             self.diag.reject("episode", str(exc))
             return
         self._guard("episode", lambda t: self.builder.on_episode(t, msg.data))
-        if event["event"] == "start":
-            self.reset(f"episode start ({event.get('task_id', '?')})", publish=False)
-            self._zero_due = True
+        if event["event"] == "start":  # the zero context goes with the episode's first state, here already or next
+            self._zero_due = not self.builder.has_arm_state
+            self.reset(f"episode start ({event.get('task_id', '?')})", publish=not self._zero_due)
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         self._on_command("arm", msg)
