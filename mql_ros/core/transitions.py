@@ -193,11 +193,6 @@ class TransitionBuilder:
         return self.rule.task_id
 
     @property
-    def has_arm_state(self) -> bool:
-        """Whether an arm state of the episode in progress has arrived (it may come just before the start event)."""
-        return self.rule.arm is not None
-
-    @property
     def finished(self) -> list[Episode]:
         """Episodes ended by a time gap so far."""
         return [self._episode(raw) for raw in self.rule.finished]

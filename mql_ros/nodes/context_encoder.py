@@ -6,8 +6,10 @@ that followed command t arrives (a preview of step t's entry; a later reward bef
 and published again; command t+1 pushes the entry the step rule gives, without publishing), not when command
 t+1 completes the step: the policy computes command t+1 from a context that holds step t, as in training and in
 `mql-ros eval`. One step late, the shipped policy returned -3.93 instead of -2.24 on held-out targets.
-The context restarts from zero at every episode start (published with the episode's first arm state, so
-that it too follows the state it goes with) and on /mql/reset_context. It follows
+The context restarts from zero at every episode start and on /mql/reset_context. (Published at the start event
+itself: the sim sends the episode's first state right after it, and that state reaches the policy directly,
+before the zero context has come through this node; a node that waited for the state instead missed it when
+it came first, and its policy acted on the last episode's context.) It follows
 /mql/policy_update like the policy node does (same validation), because a new actor needs its own encoder;
 the current episode's steps are replayed through the new encoder so the context stays consistent.
 """
@@ -61,7 +63,6 @@ class ContextEncoderNode(Node):
         self._last_stamp = 0
         self._steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # this episode's (s_t, a_t, r_t)
         self._commands = CommandPair()
-        self._zero_due = False  # an episode started: its zero context goes out with its first arm state
         self._published = 0
         self.diag = Diagnostics(self)
         self.diag.values["checkpoint_sha256"] = self.policy.sha256
@@ -103,9 +104,6 @@ class ContextEncoderNode(Node):
     def _on_arm_state(self, msg: JointState) -> None:
         self._guard("joint_state", lambda t: self.builder.on_joint_state(
             t, list(msg.name), list(msg.position), list(msg.velocity)))
-        if self._zero_due:
-            self._zero_due = False
-            self._publish(np.zeros(self.policy.context_dim, dtype=np.float32))
 
     def _on_gripper_state(self, msg: JointState) -> None:
         self._guard("gripper_state", lambda t: self.builder.on_gripper_state(
@@ -130,9 +128,8 @@ class ContextEncoderNode(Node):
             self.diag.reject("episode", str(exc))
             return
         self._guard("episode", lambda t: self.builder.on_episode(t, msg.data))
-        if event["event"] == "start":  # the zero context goes with the episode's first state, here already or next
-            self._zero_due = not self.builder.has_arm_state
-            self.reset(f"episode start ({event.get('task_id', '?')})", publish=not self._zero_due)
+        if event["event"] == "start":
+            self.reset(f"episode start ({event.get('task_id', '?')})")
 
     def _on_arm_command(self, msg: Float64MultiArray) -> None:
         self._on_command("arm", msg)
@@ -168,15 +165,13 @@ class ContextEncoderNode(Node):
         self._published += 1
         self.diag.values.update({"published": self._published, "episode_steps": len(self._steps)})
 
-    def reset(self, why: str, publish: bool = True) -> None:
-        """Zero context and empty history; published at once (unless `publish` is False) so the policy has a
-        context for step 0."""
+    def reset(self, why: str) -> None:
+        """Zero context and empty history; published at once so the policy has a context for step 0."""
         with self._lock:
             self.encoder.reset()
             self._steps.clear()
             z = np.zeros(self.policy.context_dim, dtype=np.float32)
-        if publish:
-            self._publish(z)
+        self._publish(z)
         self.diag.ok(f"reset: {why}")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
