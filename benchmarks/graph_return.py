@@ -45,7 +45,7 @@ Prints numbers; asserts nothing.
 
     python benchmarks/graph_return.py [--checkpoint checkpoints/arm_reach.pt] [--family arm_reach]
         [--split test] [--tasks 5] [--episodes 2] [--repeats 2] [--seed 0] [--max-arm-step 0.5]
-        [--trigger timer|state|context] [--json]
+        [--trigger timer|state] [--json]
 """
 
 from __future__ import annotations
@@ -202,9 +202,7 @@ def main() -> int:
                     "(its max_arm_step parameter, default 0.5), given to the node and used in the 'limited' "
                     "ROS-free columns")
     ap.add_argument("--max-gripper-step", type=float, default=0.035, help="m: the policy's max_gripper_step")
-    ap.add_argument("--trigger", default="timer", choices=("timer", "state", "context"),
-                    help="the policy's trigger: timer (its own clock, at an arbitrary phase to the sim's) or "
-                    "context (one command per context, in step with the encoder and the sim)")
+    ap.add_argument("--trigger", default="timer", choices=("timer", "state"), help="the policy's trigger")
     ap.add_argument("--episode-timeout", type=float, default=60.0,
                     help="s to wait for each measured episode before giving up (a loaded machine is slow)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")

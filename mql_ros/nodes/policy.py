@@ -71,10 +71,8 @@ class PolicyNode(LifecycleNode):
                                     "command topics", choices=("position", "velocity"))
         self.trigger_mode = declare(self, "trigger", "timer", "timer: act at control_rate (the policy is the "
                                     "clock); state: act on each arm state (lowest latency behind a 100 Hz+ "
-                                    "driver); context: act on each context (one per step of the task, sent "
-                                    "after that step's state: in step with the encoder and the robot); in "
-                                    "state and context modes the timer only publishes holds",
-                                    choices=("timer", "state", "context"))
+                                    "driver), the timer then only publishes holds",
+                                    choices=("timer", "state"))
         max_velocity = declare(self, "max_velocity", 1.0, "rad/s (m/s for the gripper): velocity-mode command "
                                "bound, lowered to each joint's URDF velocity limit", 0.001, 100.0)
         max_arm_step = declare(self, "max_arm_step", 0.5, "rad: rate limit, the most an arm joint's command "
@@ -185,9 +183,6 @@ class PolicyNode(LifecycleNode):
                 self.guard.set_context(msg.data, self.policy.context_dim, self._now())
         except InputError as exc:
             self.diag.reject("context", str(exc))
-            return
-        if self.trigger_mode == "context" and self._timer is not None:
-            self._tick(triggered=True)
 
     def _on_clock_jump(self, jump: TimeJump) -> None:
         """The stamps of every input held now count on the clock's old timeline: none is fresh until replaced."""
@@ -251,7 +246,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             policy = self.policy
             if self.trigger_mode != "timer" and not triggered and not self.guard.hold_reason(now, policy):
-                return  # acting is driven by state or context arrival; the timer only covers holds
+                return  # acting is driven by state arrival; the timer only covers holds
             command = self.guard.command(now, policy)
             arm_q, grip_q = (self.guard.arm.value[0], self.guard.gripper.value[0]) if command else (None, None)
         if command is None:
