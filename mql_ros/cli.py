@@ -208,8 +208,9 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     _check_writable("--out", args.out)
     png = out.with_suffix(".png")
-    _check_distinct([("--out", out), ("its learning curve", png)]
-                    + ([("--archive", Path(args.archive))] if args.archive else []))
+    _check_distinct([("--out", args.out), ("its learning curve", png)]
+                    + ([("--archive", args.archive)] if args.archive else []),
+                    [("--init", args.init)] if args.init and not _same_file(Path(args.init), out) else [])
     _check_writable("--out", args.out, side=png)
     family = _resolve_family(args.family)
     init, extra = None, {}
@@ -261,8 +262,7 @@ def _init_curve(path: str, ckpt) -> list[dict]:
 
 def cmd_eval(args) -> int:
     from mql_ros.core.errors import InputError
-    from mql_ros.core.tasks import resolve_family
-    from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
+    from mql_ros.core.training import evaluate_adapted, finetune_config
 
     if args.tasks < 0:
         raise InputError(f"--tasks must be >= 0 (0: all), got {args.tasks}")
@@ -270,12 +270,12 @@ def cmd_eval(args) -> int:
         raise InputError(f"--episodes must be >= 1, got {args.episodes}")
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _adapt_config(agent.cfg.adapt, args)
-    family = resolve_family(args.family or ckpt.family)
+    family = _resolve_family(args.family or ckpt.family)
     _check_dims(family, ckpt, args.checkpoint)
     tasks = _first_tasks(family, args.split, args.tasks)
     result: dict = {"split": args.split, "family": family.name, "checkpoint": args.checkpoint,
                     "episodes": args.episodes}
-    zero = evaluate(agent, family, tasks, episodes=args.episodes, seed=args.seed)
+    zero = _evaluate(agent, family, tasks, args.split, args.episodes, args.seed)
     result["zero_shot"] = {"mean": float(np.mean(zero)), "per_task": zero}
     print(f"zero-shot   {args.split}: mean return {np.mean(zero):8.2f} over {len(tasks)} tasks")
     if args.adapt or args.finetune:
@@ -283,6 +283,7 @@ def cmd_eval(args) -> int:
         if args.adapt:
             ret, reports = evaluate_adapted(agent, family, tasks, archive, cfg, episodes=args.episodes,
                                             seed=args.seed, split=args.split)
+            _check_finite_returns(family, args.split, ret, "MQL-adapted")
             result["adapted"] = {"mean": float(np.mean(ret)), "per_task": ret,
                                  "ess": [r.ess for r in reports],
                                  "proximal_lambda": [r.proximal_lambda for r in reports]}
@@ -290,11 +291,39 @@ def cmd_eval(args) -> int:
         if args.finetune:
             ret, _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg), episodes=args.episodes,
                                       seed=args.seed, split=args.split)
+            _check_finite_returns(family, args.split, ret, "fine-tuned")
             result["finetuned"] = {"mean": float(np.mean(ret)), "per_task": ret}
             print(f"fine-tuned  {args.split}: mean return {np.mean(ret):8.2f}")
     if args.json:
-        print(json.dumps(result))
+        try:
+            line = json.dumps(result, allow_nan=False)  # the last line must be JSON, which has no NaN or inf
+        except ValueError as e:
+            raise InputError(f"the results of family {family.name!r} on split {args.split} are not finite "
+                             f"numbers: {e}") from e
+        print(line)
     return 0
+
+
+def _evaluate(agent, family, tasks: list[dict], split: str, episodes: int, seed: int) -> list[float]:
+    """training.evaluate, its returns finite."""
+    from mql_ros.core.training import evaluate
+
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is refused below, on one line
+        returns = evaluate(agent, family, tasks, episodes=episodes, seed=seed, split=split)
+    _check_finite_returns(family, split, returns, "zero-shot")
+    return returns
+
+
+def _check_finite_returns(family, split: str, returns: list[float], what: str) -> None:
+    """A return that is not a finite number (rewards of the family's env too large to sum) is refused, naming
+    the task: it would print as -Infinity, which is not JSON."""
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import task_id
+
+    for i, value in enumerate(returns):
+        if not math.isfinite(value):
+            raise InputError(f"family {family.name!r} task {task_id(family, split, i)!r}: the {what} mean return "
+                             f"is {value} (rewards too large to sum, or not numbers)")
 
 
 def cmd_adapt(args) -> int:
@@ -302,15 +331,22 @@ def cmd_adapt(args) -> int:
     from mql_ros.core.adaptation import adapt
     from mql_ros.core.checkpoint import bag_encoding, save_checkpoint
     from mql_ros.core.errors import InputError
-    from mql_ros.core.tasks import make_checked_env, resolve_family, split_tasks, task_id
+    from mql_ros.core.tasks import make_checked_env, split_tasks, task_id
     from mql_ros.core.training import collect_new_task_data
 
+    out = Path(args.out)
     _check_writable("--out", args.out)
+    weights_png, report_txt = out.with_suffix(".weights.png"), out.with_suffix(".report.txt")
+    _check_distinct([("--out", args.out), ("its weight histogram", weights_png), ("its report", report_txt)],
+                    [("--checkpoint", args.checkpoint)] + ([("--archive", args.archive)] if args.archive else [])
+                    + [("--bags", b) for b in args.bags or []])
+    for side in (weights_png, report_txt):
+        _check_writable("--out", args.out, side=side)
     agent, ckpt = _load_agent(args.checkpoint)
     cfg = _adapt_config(agent.cfg.adapt, args)
     encoding = bag_encoding(ckpt)
     # with --bags and --archive everything comes from recorded data: the family is not even imported
-    family = None if args.bags and args.archive else resolve_family(args.family or ckpt.family)
+    family = None if args.bags and args.archive else _resolve_family(args.family or ckpt.family)
     if family is not None:
         _check_dims(family, ckpt, args.checkpoint)
     archive = (_archive_replay(args.archive, agent, encoding) if args.archive
@@ -330,8 +366,8 @@ def cmd_adapt(args) -> int:
         source = name
     if not new:
         raise InputError(f"no new-task transitions in {source}")
+    _warn_about_the_data(new, archive, cfg, args.archive or "the rolled-out snapshots", source)
     report = adapt(agent, new, archive, cfg, seed=args.seed)
-    out = Path(args.out)
     sha = save_checkpoint(out, agent, ckpt.family, encoding,
                           extra={"adapted_from": ckpt.sha256, "source": source, "report": report.to_dict()})
     lines = [f"adapted {args.checkpoint} -> {out} (sha256 {sha[:12]})", f"new-task data: {source}",
@@ -342,23 +378,41 @@ def cmd_adapt(args) -> int:
         edges, counts = report.weight_histogram
         lines.append("weight histogram: " + ", ".join(f"[{a:.2f},{b:.2f}): {c}"
                                                       for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)))
-        plots.weight_histogram(edges, counts, out.with_suffix(".weights.png"), f"propensity weights ({source})")
+        plots.weight_histogram(edges, counts, weights_png, f"propensity weights ({source})")
     text = "\n".join(lines)
-    out.with_suffix(".report.txt").write_text(text + "\n")
+    report_txt.write_text(text + "\n")
     print(text)
     return 0
 
 
+def _warn_about_the_data(new: list, archive, cfg, archive_name: str, source: str) -> None:
+    """Say so when adaptation will draw on no archive data (its propensity accuracy is then NaN), and why; and
+    when the new-task data hold more than one task."""
+    new_ids = sorted({e.task_id for e in new})
+    if len(new_ids) > 1:
+        _warn(f"the new-task data ({source}) hold {len(new_ids)} task ids ({', '.join(new_ids[:5])}"
+              f"{', ...' if len(new_ids) > 5 else ''}): they are adapted to as one task")
+    if not cfg.use_archive or archive is None:
+        return
+    held = [t for t in archive.task_ids() if archive.num_transitions(t) > 0]
+    other = [t for t in held if t not in new_ids]
+    if not held:
+        _warn(f"no archive data used: {archive_name} holds no transitions")
+    elif not other:
+        _warn(f"no archive data used: every task in {archive_name} ({len(held)}: {', '.join(sorted(held)[:5])}"
+              f"{', ...' if len(held) > 5 else ''}) is also in the new-task data, and adaptation draws only on "
+              "other tasks' data")
+
+
 def cmd_archive(args) -> int:
     from mql_ros import archive
-    from mql_ros.core.checkpoint import bag_encoding, load_checkpoint
-    from mql_ros.core.tasks import resolve_family
+    from mql_ros.core.checkpoint import bag_encoding
 
     if args.checkpoint and args.family:
         print("mql-ros archive: give --checkpoint or --family, not both", file=sys.stderr)
         return 2
-    encoding = (bag_encoding(load_checkpoint(args.checkpoint)) if args.checkpoint
-                else _family_encoding(resolve_family(args.family)) if args.family else None)
+    encoding = (bag_encoding(_load_checkpoint(args.checkpoint)) if args.checkpoint
+                else _family_encoding(_resolve_family(args.family)) if args.family else None)
     if args.action == "info":
         info = archive.archive_info(args.dir, encoding)
         print(json.dumps(info, indent=None if args.json else 2, default=str))
@@ -379,8 +433,8 @@ def cmd_demo(args) -> int:
     from mql_ros import plots
     from mql_ros.core.errors import InputError
     from mql_ros.core.paths import share_file
-    from mql_ros.core.tasks import resolve_family, task_id
-    from mql_ros.core.training import evaluate, evaluate_adapted, finetune_config
+    from mql_ros.core.tasks import task_id
+    from mql_ros.core.training import evaluate_adapted, finetune_config
 
     start = time.perf_counter()
     if args.tasks < 1:
@@ -388,9 +442,11 @@ def cmd_demo(args) -> int:
     if args.episodes < 1:
         raise InputError(f"--episodes must be >= 1, got {args.episodes}")
     _check_writable("--out", args.out, directory=True)
+    for side in ("demo_returns.png", "demo_results.json"):
+        _check_writable("--out", args.out, side=Path(args.out) / side)
     checkpoint = args.checkpoint or str(share_file("checkpoints/arm_reach.pt"))
     agent, ckpt = _load_agent(checkpoint)
-    family = resolve_family(ckpt.family)
+    family = _resolve_family(ckpt.family)
     _check_dims(family, ckpt, checkpoint)
     tasks = _first_tasks(family, "test", args.tasks)
     names = [task_id(family, "test", i) for i in range(len(tasks))]
@@ -399,7 +455,7 @@ def cmd_demo(args) -> int:
           "episodes per task and method")
     archive = _load_or_roll_archive(None, agent, family, args.seed)
     cfg = agent.cfg.adapt
-    results = {"zero-shot": evaluate(agent, family, tasks, episodes=args.episodes, seed=args.seed)}
+    results = {"zero-shot": _evaluate(agent, family, tasks, "test", args.episodes, args.seed)}
     results["MQL"], reports = evaluate_adapted(agent, family, tasks, archive, cfg, episodes=args.episodes,
                                                seed=args.seed)
     results["fine-tuning"], _ = evaluate_adapted(agent, family, tasks, None, finetune_config(cfg),
@@ -431,8 +487,8 @@ def _warn(message: str) -> None:
 def _threads(n: int) -> None:
     from mql_ros.core.errors import InputError
 
-    if n < 1:
-        raise InputError(f"--threads must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise InputError(f"--threads must be in 1..{MAX_THREADS}, got {n}")
     import torch
 
     torch.set_num_threads(n)
@@ -447,12 +503,31 @@ def _check_seed(seed: int) -> None:
         raise InputError(f"--seed must be in 0..2**32-1, got {seed}")
 
 
-def _check_writable(flag: str, path: str, directory: bool = False) -> None:
+def _check_not_empty(args) -> None:
+    """An empty path or name was taken as "not given" (`--archive ''` recorded nothing, `--init ''` trained
+    from scratch, `demo --checkpoint ''` used the shipped one): refused instead."""
+    from mql_ros.core.errors import InputError
+
+    for name in ("archive", "init", "checkpoint", "family", "task_id"):
+        if getattr(args, name, None) == "":
+            raise InputError(f"--{name.replace('_', '-')} is empty: give a "
+                             f"{'name' if name in ('family', 'task_id') else 'path'} or leave the option out")
+
+
+def _check_writable(flag: str, path: str, directory: bool = False, side: Path | None = None) -> None:
     """InputError naming `flag` if `path` (a file, or a directory to write files in) cannot be written: found
-    out before the work, not after it, when the result would be lost. Missing parents are created later."""
+    out before the work, not after it, when the result would be lost. Missing parents are created later.
+
+    Writability is probed by creating and removing a temporary file in the directory (or its nearest existing
+    ancestor): os.access says yes to root everywhere, and /proc or /sys refuse files whatever the mode bits.
+    `side`: a file written beside `path` (a learning curve, a report), which must not be a directory."""
     from mql_ros.core.errors import InputError
 
     target = Path(path)
+    if side is not None:
+        if side.is_dir():
+            raise InputError(f"{flag} {path}: {side}, written beside it, is a directory")
+        return
     if directory and target.exists() and not target.is_dir():
         raise InputError(f"{flag} {path} is not a directory")
     if not directory and target.is_dir():
@@ -461,8 +536,36 @@ def _check_writable(flag: str, path: str, directory: bool = False) -> None:
     existing = next(p for p in (start, *start.parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"{flag} {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: no permission to write in {existing}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mql-ros-write-probe.", dir=existing)
+    except OSError as e:
+        reason = "no permission to write in" if isinstance(e, PermissionError) else "cannot write in"
+        raise InputError(f"{flag} {path}: {reason} {existing} ({e.strerror or type(e).__name__})") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file or directory: by inode when both exist (symlinks and hard links), else by resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _check_distinct(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str, str | Path]] = ()) -> None:
+    """The files a command writes must differ from each other and from what it reads: `train --out model.png`
+    had its learning curve replace the checkpoint, `adapt --out X --checkpoint X` replaced the meta-trained
+    checkpoint. Paths are named as given on the command line."""
+    from mql_ros.core.errors import InputError
+
+    for i, (name_a, a) in enumerate(outputs):
+        for name_b, b in [*outputs[i + 1:], *inputs]:
+            if _same_file(Path(a), Path(b)):
+                raise InputError(f"{name_a} {a} and {name_b} {b} are the same path: the run would overwrite one "
+                                 "with the other; give another --out")
 
 
 def _check_dims(family, ckpt, checkpoint: str) -> None:
@@ -486,11 +589,34 @@ def _first_tasks(family, split: str, n: int) -> list[dict]:
     return tasks[:n] if n > 0 else tasks
 
 
-def _load_agent(path: str):
-    from mql_ros.core.checkpoint import agent_from_checkpoint, load_checkpoint
+def _load_checkpoint(path: str):
+    from mql_ros.core.checkpoint import load_checkpoint
+    from mql_ros.core.errors import CheckpointError
 
-    ckpt = load_checkpoint(path)
+    if Path(path).is_dir():  # load_checkpoint says "no such file"
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+    return load_checkpoint(path)
+
+
+def _load_agent(path: str):
+    from mql_ros.core.checkpoint import agent_from_checkpoint
+
+    ckpt = _load_checkpoint(path)
     return agent_from_checkpoint(ckpt), ckpt
+
+
+def _resolve_family(spec: str):
+    """tasks.resolve_family; a user module that raises SystemExit on import (or its factory) is bad input
+    naming it, not the end of the CLI with that module's status and no message."""
+    from mql_ros.core.errors import InputError
+    from mql_ros.core.tasks import resolve_family
+
+    try:
+        return resolve_family(spec)
+    except SystemExit as e:
+        module = spec.partition(":")[0] if isinstance(spec, str) else spec
+        raise InputError(f"task family {spec!r}: module {module!r} raised SystemExit({e.code!r}) (on import or in "
+                         "its factory)") from e
 
 
 def _adapt_config(stored, args):
@@ -499,8 +625,12 @@ def _adapt_config(stored, args):
 
     from mql_ros.core.errors import InputError
 
-    if args.new_steps < 0:
-        raise InputError(f"--new-steps must be >= 0, got {args.new_steps}")
+    if not 0 <= args.new_steps <= MAX_NEW_STEPS:
+        raise InputError(f"--new-steps must be in 0..{MAX_NEW_STEPS:_} (0: one episode), got {args.new_steps}")
+    keys = [item.partition("=")[0].strip() for item in args.adapt_set]
+    twice = sorted({k for k in keys if k and keys.count(k) > 1})
+    if twice:  # a config file refuses a key given twice; so does the command line
+        raise InputError(f"--adapt-set gives {', '.join(twice)} more than once")
     cfg = stored.with_overrides(args.adapt_set)
     return replace(cfg, new_steps=args.new_steps) if args.new_steps else cfg
 
@@ -551,11 +681,31 @@ def _load_or_roll_archive(directory: str | None, agent, family, seed: int):
 
 
 def _archive_writer(directory: str, family, encoding):
+    """The archive recorder of `train --archive`, refusing an archive whose bags hold another family's
+    episodes or another encoding: appending made it fail `archive verify` under either encoding, and adapt
+    warned about every foreign bag."""
     from mql_ros.archive import EpisodeArchiveWriter
+    from mql_ros.archive.inspect import recorded_identity
+    from mql_ros.core.errors import InputError
 
     env = family.make_env(family.train_tasks()[0]).unwrapped
-    return EpisodeArchiveWriter(directory, robot=encoding, family=family.name,
-                                control_dt=getattr(env, "control_dt", 0.04))
+    writer = EpisodeArchiveWriter(directory, robot=encoding, family=family.name,
+                                  control_dt=getattr(env, "control_dt", 0.04))
+    ours = (tuple(encoding.arm_joints), tuple(encoding.gripper_joints))
+    for bag, (bag_family, joints) in recorded_identity(directory):
+        if bag_family is not None and bag_family != family.name:
+            raise InputError(f"--archive {directory} holds episodes of family {bag_family!r} (bag {bag.name}), "
+                             f"this run is of family {family.name!r}: record into another directory")
+        if joints is not None and joints != ours:
+            raise InputError(f"--archive {directory} holds bags of another encoding (bag {bag.name}: joints "
+                             f"{_joint_list(joints)}), this run's {type(encoding).__name__} records joints "
+                             f"{_joint_list(ours)}: record into another directory")
+    return writer
+
+
+def _joint_list(joints: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    names = list(joints[0]) + list(joints[1])
+    return ", ".join(names[:4]) + (f", ... ({len(names)})" if len(names) > 4 else "")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "archive": cmd_archive, "demo": cmd_demo}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -164,3 +166,84 @@ def test_adaptation_node_stopped_by_a_signal_mid_episode_exits_0_and_finishes_it
     episodes, report = read_bag(bags[0].parent, ROBOT)
     assert not report.problems, report.problems
     assert len(episodes) == 1 and len(episodes[0]) > 10, "the episode in progress is kept"
+
+
+# ------------------------------------------------------------------------------------- archive verify
+def _one_bag_archive(archive: Path, episodes: int = 10, steps: int = 50) -> Path:
+    rec = ArchiveRecorder(archive, ROBOT, episodes_per_bag=episodes)
+    t = 0
+    for _ in range(episodes):
+        t = record_episode(rec, t, steps)
+    rec.close()
+    (bag,) = [p for p in archive.iterdir() if not p.name.startswith(".")]
+    return bag
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from mql_ros.cli import main
+
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_verify_reads_every_bag_in_full_so_a_bag_damaged_in_the_middle_since_it_was_cached_fails(
+        tmp_path, monkeypatch, capsys):
+    """The decode cache is keyed on sizes, mtimes and the last 64 KiB: verify trusted it, and a bag damaged in
+    the middle (bit rot, a bad copy keeping mtimes) still verified, exit 0."""
+    monkeypatch.delenv("MQL_ARCHIVE_CACHE", raising=False)
+    archive = tmp_path / "archive"
+    bag = _one_bag_archive(archive)
+    assert verify_archive(archive, ROBOT).ok
+    assert not (archive / ".mql_cache").exists()  # verify neither reads nor writes the cache
+    read_bag(bag, ROBOT)  # what adapt or export do: the cache now holds the bag
+    assert (archive / ".mql_cache").is_dir()
+    mcap = next(bag.glob("*.mcap"))
+    st, data = mcap.stat(), bytearray(mcap.read_bytes())
+    assert len(data) > 40_000 + 65_536
+    data[20_000:40_000] = b"\xaa" * 20_000
+    mcap.write_bytes(bytes(data))
+    os.utime(mcap, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read_bag(bag, ROBOT)[1].problems == []  # the cache cannot see it
+    report = verify_archive(archive, ROBOT)
+    assert not report.ok and report.bags[0].problems, report.summary()
+    rc, out, _ = _cli(capsys, "archive", "verify", archive)
+    assert rc == 2 and f"{bag}: " in out and "0 without problems" in out, out
+
+
+def _topic_count(text: str, value: str) -> bytes:
+    """metadata.yaml with the first topic's message_count replaced by `value`."""
+    head, sep, topics = text.partition("topics_with_message_count:")
+    return (head + sep + re.sub(r"message_count: \d+", f"message_count: {value}", topics, count=1)).encode()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: b"\xb3\x9f" + text.encode(), "metadata.yaml is unreadable: UnicodeDecodeError"),
+    (lambda text: _topic_count(text, "abc"), "metadata.yaml is unreadable: ValueError: invalid literal for int()"),
+    (lambda text: _topic_count(text, ".inf"), "metadata.yaml is unreadable: OverflowError"),
+], ids=["not-utf8", "count-not-an-integer", "count-inf"])
+def test_verify_and_info_report_unreadable_metadata_naming_the_bag_and_exit_2(tmp_path, capsys, damage, problem):
+    """These metadata.yaml ended verify and info with exit 1, "unexpected error", naming no bag."""
+    archive = tmp_path / "archive"
+    bag = _one_bag_archive(archive, episodes=1, steps=5)
+    meta = bag / "metadata.yaml"
+    meta.write_bytes(damage(meta.read_text()))
+    report = verify_archive(archive, ROBOT)
+    assert [p for p in report.bags[0].problems if p.startswith(problem)], report.summary()
+    rc, out, err = _cli(capsys, "archive", "verify", archive)
+    assert rc == 2 and f"{bag}: " in out and problem in out and not err, (out, err)
+    rc, out, err = _cli(capsys, "archive", "info", archive)
+    assert rc == 0 and problem in out and not err, (out, err)
+
+
+def test_verify_of_a_bag_with_deeply_nested_json_episode_events_names_the_bag_and_exits_2(tmp_path, capsys):
+    """json.loads raised RecursionError on it: exit 1, "unexpected error", no bag named."""
+    from mql_ros.archive.bags import BagWriter
+
+    bag = tmp_path / "archive" / "bag"
+    writer = BagWriter(bag)
+    writer.episode(1000, "[" * 200_000)
+    writer.episode(2000, '{"event": "end"}')
+    writer.close()
+    rc, out, err = _cli(capsys, "archive", "verify", tmp_path / "archive")
+    assert rc == 2 and f"{bag}: " in out and "episode event is not JSON: RecursionError" in out, (out, err)

@@ -322,3 +322,293 @@ def test_a_family_of_other_dims_than_the_checkpoint_is_refused_naming_both(capsy
     rc, err = run_main(capsys, *command, "--checkpoint", tiny_checkpoint, "--family", "arm_reach")
     assert rc == 2
     _one_line_error(err, "family 'arm_reach' has obs/act dims 12/5", f"{tiny_checkpoint} was trained with 1/1")
+
+
+# ------------------------------------------------------------------ files a run would overwrite or lose
+@pytest.mark.parametrize("args, message", [
+    (("--out", "model.png"), "--out model.png and its learning curve model.png are the same path"),
+    (("--out", "same", "--archive", "same"), "--out same and --archive same are the same path"),
+    (("--out", "run.pt", "--archive", "run.png"), "its learning curve run.png and --archive run.png"),
+    (("--out", "pngdir.pt"), "--out pngdir.pt: pngdir.png, written beside it, is a directory"),
+])
+def test_train_refuses_an_out_whose_learning_curve_or_archive_would_overwrite_it(capsys, tmp_path, monkeypatch,
+                                                                                  args, message):
+    """`train --out model.png` wrote the checkpoint, then the learning curve over it (exit 0, checkpoint lost);
+    `--out X --archive X` failed after training (the recorder had made X a directory)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    (tmp_path / "pngdir.png").mkdir()
+    rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", *args)
+    assert rc == 2
+    _one_line_error(err, message)
+    assert not (tmp_path / "same").exists()
+
+
+def test_adapt_refuses_an_out_that_is_its_checkpoint_even_through_a_symlink(capsys, tiny_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    """The meta-trained checkpoint was replaced by the adapted one, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.adaptation.adapt", _must_not_run)
+    (tmp_path / "meta.pt").write_bytes(tiny_checkpoint.read_bytes())
+    (tmp_path / "link.pt").symlink_to("meta.pt")
+    for out in ("meta.pt", "link.pt", "./sub/../meta.pt"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        rc, err = run_main(capsys, "adapt", "--checkpoint", "meta.pt", "--task-index", "0", "--out", out)
+        assert rc == 2
+        _one_line_error(err, f"--out {out} and --checkpoint meta.pt are the same path")
+    assert (tmp_path / "meta.pt").read_bytes() == tiny_checkpoint.read_bytes()
+
+
+@pytest.mark.parametrize("out", ["/proc/x.pt", "/sys/x.pt"])
+def test_an_out_where_no_file_can_be_created_is_refused_before_the_work_naming_out(capsys, tmp_path, monkeypatch,
+                                                                                   out):
+    """os.access said yes to root: the run failed only after training, naming a temp file (or exit 1)."""
+    if not Path(out).parent.is_dir():
+        pytest.skip(f"no {Path(out).parent} here")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", "--out", out)
+    assert rc == 2
+    _one_line_error(err, f"--out {out}: ", f"write in {Path(out).parent}")
+    assert ".tmp" not in err and "mql-ros-write-probe" not in err
+    rc, err = run_main(capsys, "demo", "--checkpoint", "missing.pt", "--out", str(Path(out).parent / "demo"))
+    assert rc == 2
+    _one_line_error(err, f"--out {Path(out).parent / 'demo'}: ")
+
+
+# ------------------------------------------------------------------------------- repeated options
+def test_repeated_adapt_set_and_bags_options_all_count():
+    """argparse's default `store` kept only the last --adapt-set / --bags: archive_iters=7 was dropped, and a
+    corrupt first --bags was never read."""
+    from mql_ros.cli import build_parser
+
+    args = build_parser().parse_args(["adapt", "--checkpoint", "c.pt", "--out", "o.pt", "--bags", "a", "b",
+                                      "--bags", "c", "--adapt-set", "archive_iters=7", "--adapt-set",
+                                      "new_task_iters=1", "proximal=ess"])
+    assert args.bags == ["a", "b", "c"]
+    assert args.adapt_set == ["archive_iters=7", "new_task_iters=1", "proximal=ess"]
+    args = build_parser().parse_args(["eval", "--checkpoint", "c.pt", "--adapt-set", "lr=1e-4", "--adapt-set",
+                                      "lr=3e-4"])
+    assert args.adapt_set == ["lr=1e-4", "lr=3e-4"]
+    assert build_parser().parse_args(["eval", "--checkpoint", "c.pt"]).adapt_set == []
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("--adapt-set", "lr=.nan", "--adapt-set", "new_task_iters=1"), "adapt.lr: must be finite, got nan"),
+    (("--adapt-set", "lr=1e-4", "lr=3e-4"), "--adapt-set gives lr more than once"),
+    (("--adapt-set", "lr=1e-4", "--adapt-set", "lr=3e-4"), "--adapt-set gives lr more than once"),
+])
+def test_every_adapt_set_item_is_checked_and_a_key_given_twice_is_refused(capsys, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch, sets, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.adaptation.adapt", _must_not_run)
+    rc, err = run_main(capsys, "adapt", "--checkpoint", tiny_checkpoint, "--task-index", "0", "--out", "o.pt", *sets)
+    assert rc == 2
+    _one_line_error(err, message)
+
+
+# ----------------------------------------------------------------------------------------- bounds
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--checkpoint", "missing.pt", "--threads", "32768"), "--threads must be in 1..256, got 32768"),
+    (("eval", "--checkpoint", "missing.pt", "--threads", "2147483648"), "--threads must be in 1..256"),
+    (("train", "--family", "point_goal", "--steps", "10", "--out", "x.pt", "--threads", "257"), "--threads"),
+    (("eval", "--checkpoint", "x.pt", "--adapt", "--new-steps", "10000000000000000000000"),
+     "--new-steps must be in 0..10_000_000"),
+    (("adapt", "--checkpoint", "x.pt", "--task-index", "0", "--out", "o.pt", "--new-steps", "10000001"),
+     "--new-steps must be in 0..10_000_000 (0: one episode), got 10000001"),
+])
+def test_absurd_threads_and_new_steps_are_exit_2_before_the_work(capsys, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                  args, message):
+    """--threads 32768 segfaulted at exit (139) after the work; --new-steps 1e22 never ended."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    monkeypatch.setattr("mql_ros.core.training.evaluate", _must_not_run)
+    rc, err = run_main(capsys, *(str(tiny_checkpoint) if a == "x.pt" else a for a in args))
+    assert rc == 2
+    _one_line_error(err, message)
+
+
+# ---------------------------------------------------------------------------------------- messages
+HUGE_AND_NAN = """
+import gymnasium
+import numpy as np
+from mql_ros.sim.point import PointGoalFamily
+
+
+class _Reward(gymnasium.Wrapper):
+    def __init__(self, env, value):
+        super().__init__(env)
+        self.value = value
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        return obs, self.value, terminated, truncated, info
+
+
+class HugeReward(PointGoalFamily):  # -3e38 is finite in float32, 50 of them summed in float32 are not
+    def make_env(self, task):
+        return _Reward(super().make_env(task), -3e38)
+
+
+class NanOnTest(PointGoalFamily):
+    def make_env(self, task):
+        env = super().make_env(task)
+        return _Reward(env, float("nan")) if task in self.test_tasks() else env
+"""
+
+
+@pytest.mark.parametrize("family, split, message", [
+    ("fams:HugeReward", "test", "task 'point_goal/test/0': the zero-shot mean return is -inf"),
+    ("fams:NanOnTest", "test", "task 'point_goal/test/0'"),
+])
+def test_eval_errors_name_the_task_by_its_split_and_a_non_finite_return_is_exit_2_not_invalid_json(
+        capsys, tiny_checkpoint, tmp_path, monkeypatch, family, split, message):
+    """`eval --json` printed -Infinity (not JSON), exit 0; errors named the task point_goal/eval/0 whatever the
+    split."""
+    (tmp_path / "fams.py").write_text(HUGE_AND_NAN)
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_main(capsys, "eval", "--checkpoint", tiny_checkpoint, "--family", family, "--split", split,
+                       "--tasks", "1", "--episodes", "1", "--json")
+    assert rc == 2
+    _one_line_error(err, message)
+    assert "/eval/" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--checkpoint", "adir.pt"), "checkpoint adir.pt is a directory"),
+    (("adapt", "--checkpoint", "adir.pt", "--task-index", "0", "--out", "o.pt"), "checkpoint adir.pt is a directory"),
+    (("archive", "info", ".", "--checkpoint", "adir.pt"), "checkpoint adir.pt is a directory"),
+    (("train", "--family", "point_goal", "--steps", "10", "--out", "x.pt", "--archive", ""), "--archive is empty"),
+    (("train", "--family", "point_goal", "--steps", "10", "--out", "x.pt", "--init", ""), "--init is empty"),
+    (("eval", "--checkpoint", "x.pt", "--adapt", "--archive", ""), "--archive is empty"),
+    (("eval", "--checkpoint", "x.pt", "--family", ""), "--family is empty"),
+    (("demo", "--checkpoint", ""), "--checkpoint is empty"),
+    (("train", "--family", "exits:FAMILY", "--steps", "10", "--out", "x.pt"),
+     "task family 'exits:FAMILY': module 'exits' raised SystemExit(3)"),
+])
+def test_a_directory_checkpoint_an_empty_path_and_a_module_exiting_on_import_are_one_line_exit_2(
+        capsys, tiny_checkpoint, tmp_path, monkeypatch, args, message):
+    """They said "no such file", were silently ignored (`--archive ''` recorded nothing), and ended the CLI
+    with the module's exit status and no message."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    monkeypatch.setattr("mql_ros.core.training.evaluate", _must_not_run)
+    (tmp_path / "adir.pt").mkdir()
+    (tmp_path / "exits.py").write_text("raise SystemExit(3)\n")
+    rc, err = run_main(capsys, *(str(tiny_checkpoint) if a == "x.pt" else a for a in args))
+    assert rc == 2
+    _one_line_error(err, message)
+
+
+def test_train_init_refuses_a_learning_curve_it_cannot_continue_before_training(capsys, tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """A hand-edited extra.curve failed `train --init` after the whole training run, exit 1."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    for curve, message in (("notalist", "extra.curve must be a list"),
+                           ([{"mean_return": -1.0}], "extra.curve[0] is not a learning-curve entry")):
+        torch.save({**payload, "extra": {"curve": curve}}, tmp_path / "bad.pt")
+        rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", "--init", "bad.pt",
+                           "--out", "x.pt")
+        assert rc == 2
+        _one_line_error(err, "checkpoint bad.pt: ", message)
+
+
+# --------------------------------------------------------------------- train --archive and adapt on it
+@pytest.fixture(scope="module")
+def point_archive(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, archive) of a tiny point_goal run recorded with --archive."""
+    out = tmp_path_factory.mktemp("cli_archive")
+    (out / "tiny.yaml").write_text(TINY)
+    r = run_cli("train", "--family", "point_goal", "--steps", "300", "--config", "tiny.yaml", "--out", "point.pt",
+                "--archive", "archive", "--no-progress", cwd=out)
+    assert r.returncode == 0, r.stderr
+    return out / "point.pt", out / "archive"
+
+
+def test_adapt_that_uses_no_archive_data_says_so_and_why(point_archive, tmp_path):
+    """Every task of the new-task bags was in the archive too: no archive data, "propensity accuracy: nan",
+    exit 0 and no word about it."""
+    ckpt, archive = point_archive
+    r = run_cli("adapt", "--checkpoint", str(ckpt), "--archive", str(archive), "--bags", str(archive),
+                "--out", str(tmp_path / "a.pt"), "--adapt-set", "new_task_iters=2", "archive_iters=2")
+    assert r.returncode == 0, r.stderr
+    assert "archived transitions: 0" in r.stdout
+    warnings = [line for line in r.stderr.splitlines() if "no archive data used" in line]
+    assert len(warnings) == 1 and f"every task in {archive}" in warnings[0] and "also in the new-task data" in \
+        warnings[0], r.stderr
+
+
+def test_train_refuses_to_append_to_an_archive_of_another_family_or_encoding_naming_both(
+        capsys, point_archive, tmp_path, monkeypatch):
+    """The bags were appended, and the archive then failed `archive verify` under either encoding."""
+    _, archive = point_archive
+    bags = sorted(p.name for p in archive.iterdir())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mql_ros.core.training.meta_train", _must_not_run)
+    rc, err = run_main(capsys, "train", "--family", "arm_reach", "--steps", "10", "--out", "x.pt", "--archive", archive)
+    assert rc == 2
+    _one_line_error(err, f"--archive {archive} holds episodes of family 'point_goal'", "of family 'arm_reach'")
+    (tmp_path / "wider.py").write_text(
+        WRAPPED_ARM.replace("from mql_ros.sim.families import ArmReachFamily", "from mql_ros.sim.point import "
+                            "PointGoalFamily").replace("WrappedArm(ArmReachFamily)", "WrappedArm(PointGoalFamily)")
+        .replace('name = "arm_reach_wrapped"', 'name = "point_goal"'))
+    rc, err = run_main(capsys, "train", "--family", "wider:FAMILY", "--steps", "10", "--out", "x.pt", "--archive",
+                       archive)
+    assert rc == 2
+    _one_line_error(err, f"--archive {archive} holds bags of another encoding", "joints obs_0)", "joints obs_0, obs_1")
+    assert sorted(p.name for p in archive.iterdir()) == bags
+    # the same family and encoding appends, as before
+    monkeypatch.setattr("mql_ros.core.training.meta_train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, err = run_main(capsys, "train", "--family", "point_goal", "--steps", "10", "--out", "x.pt", "--archive",
+                       archive)
+    assert rc == 1 and "interrupted" in err
+
+
+def _start_and_signal(tmp_path: Path, signals: list[tuple[float, int]]) -> subprocess.CompletedProcess:
+    """`train --archive` in a subprocess, signalled (delay after the previous signal, signal) once its first
+    bag is finished and the second one is being filled. SIGINT is reset to its default in the child: one
+    started from a non-interactive shell's background job inherits it ignored."""
+    import signal
+    import time
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "mql_ros.cli", "train", "--family", "point_goal", "--steps", "100000",
+                          "--config", "tiny.yaml", "--out", "x.pt", "--archive", "archive", "--no-progress"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "archive").glob("*/metadata.yaml")) and p.poll() is None:
+            assert time.monotonic() < deadline, "no bag finished in 120 s"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        for delay, sig in signals:
+            time.sleep(delay)
+            p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("signals", [[(0, 15)], [(0, 2), (0.002, 2)], [(0, 15), (0.005, 15)]],
+                         ids=["SIGTERM", "SIGINT-twice", "SIGTERM-twice"])
+def test_train_archive_stopped_by_sigterm_or_two_sigints_exits_1_and_every_bag_verifies(tmp_path, signals):
+    """SIGTERM killed the run at once (rc -15, the open bag a 0-byte .mcap without metadata.yaml); a second
+    SIGINT during the recorder's close left the open bag without metadata.yaml. Both failed `archive verify`."""
+    r = _start_and_signal(tmp_path, signals)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    _one_line_error(r.stderr, "mql-ros train: interrupted")
+    bags = [p for p in (tmp_path / "archive").iterdir() if not p.name.startswith(".")]
+    assert len(bags) >= 2 and all((b / "metadata.yaml").is_file() for b in bags), bags
+    v = run_cli("archive", "verify", "archive", "--family", "point_goal", cwd=tmp_path)
+    assert v.returncode == 0, v.stdout
+    assert f"{len(bags)} bags, {len(bags)} without problems" in v.stdout
+    assert not (tmp_path / "x.pt").exists()

@@ -280,3 +280,20 @@ def test_the_sha256_is_of_the_bytes_loaded_even_when_the_file_is_replaced_meanwh
     ckpt = load_checkpoint(path)
     assert ckpt.sha256 == hashlib.sha256(original_bytes).hexdigest()
     assert "note" not in ckpt.extra
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"curve": "notalist"}, "extra.curve must be a list, got str 'notalist'"),
+    ({"curve": [{"step": "x", "seconds": 1.0}]}, r"extra.curve\[0\].step must be a number"),
+    ({"curve": [["step", 1]]}, r"extra.curve\[0\] must be a learning-curve entry"),
+    ({"steps": "100"}, "extra.steps must be an integer"),
+    ({"init": [1]}, "extra.init must be a mapping"),
+    ({"report": None}, "extra.report must be a mapping"),
+])
+def test_known_extra_keys_of_the_wrong_type_are_checkpoint_errors_naming_the_key(tmp_path, good, extra, message):
+    """A hand-edited extra.curve loaded, and `train --init` failed on it after the whole training run."""
+    _, payload = good
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_edited(tmp_path, payload, extra=extra))
+    # keys the package does not know are kept as they are
+    assert load_checkpoint(_edited(tmp_path, payload, extra={"note": [1, "x"]})).extra == {"note": [1, "x"]}

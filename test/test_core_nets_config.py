@@ -170,3 +170,28 @@ def test_keys_merged_in_with_a_yaml_merge_key_may_still_be_overridden(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("adapt:\n  <<: {lr: 0.001, archive_iters: 7}\n  lr: 0.002\n")
     assert (load_config(path).adapt.lr, load_config(path).adapt.archive_iters) == (0.002, 7)
+
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("+5e-4", 5e-4), ("1.0e-3", 1e-3)])
+def test_yaml_1_2_floats_without_a_dot_like_1e_3_are_read_as_floats(tmp_path, text, value):
+    """PyYAML's YAML 1.1 resolver read `lr: 1e-3` as the string '1e-3', refused ("expected a number, got
+    str"), while `--adapt-set lr=1e-3` was accepted: the file and the command line now read it alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"lr: {text}\nadapt:\n  lr: {text}\n")
+    cfg = load_config(path)
+    assert (cfg.lr, cfg.adapt.lr) == (value, value)
+    assert AdaptConfig().with_overrides([f"lr={text}"]).lr == value
+
+
+def test_yaml_1_2_floats_with_an_unsigned_exponent_or_no_dot_are_numbers_checked_by_range(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("start_steps: 1e4\nreplay_size: 1.0e5\n")  # a whole number is fine for an integer key
+    cfg = load_config(path)
+    assert (cfg.start_steps, cfg.replay_size) == (10_000, 100_000)
+    path.write_text("lr: 5E+2\n")
+    with pytest.raises(ConfigError, match=r"lr=500.0 is out of range"):
+        load_config(path)
+    path.write_text("lr: 1e\n")  # not a number in any YAML: still the string, refused as before
+    with pytest.raises(ConfigError, match="lr: expected a number, got str '1e'"):
+        load_config(path)

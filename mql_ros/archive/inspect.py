@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mql_ros.archive.bags import BagReport, bag_dirs, read_bag
+from mql_ros.archive import columnar
+from mql_ros.archive.bags import TOPICS, TYPESTORE, BagReport, bag_dirs, read_bag, read_bag_per_message
+from mql_ros.core.episode import Episode
 from mql_ros.core.errors import ArchiveError
 from mql_ros.core.robot import BagEncoding, RobotSpec
+from mql_ros.core.transitions import parse_episode_event
 
 
 @dataclass
@@ -44,11 +48,13 @@ def _check_metadata(bag: Path, report: BagReport) -> None:
         report.problems.append("no metadata.yaml: the writer did not finish this bag (killed?)")
         return
     try:
-        info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
+        info = yaml.safe_load(meta.read_text(encoding="utf-8"))["rosbag2_bagfile_information"]
         counts = {t["topic_metadata"]["name"]: int(t["message_count"]) for t in info["topics_with_message_count"]}
         files, storage = [str(f) for f in info["relative_file_paths"]], info["storage_identifier"]
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        report.problems.append(f"metadata.yaml is unreadable: {exc}")
+    except (yaml.YAMLError, KeyError, TypeError, ValueError, OverflowError, RecursionError, OSError) as exc:
+        # ValueError: not UTF-8 (UnicodeDecodeError), a message_count that is not an integer; OverflowError: .inf
+        what = f"{type(exc).__name__}: " if not isinstance(exc, yaml.YAMLError) else ""
+        report.problems.append(f"metadata.yaml is unreadable: {what}{str(exc)[:300]}")
         return
     for name in files:
         if not (bag / name).is_file():
@@ -61,13 +67,17 @@ def _check_metadata(bag: Path, report: BagReport) -> None:
             report.problems.append(f"{topic}: metadata.yaml says {counts.get(topic, 0)} messages, read {n}")
 
 
-def verify_archive(directory: str | Path, robot: BagEncoding | None = None) -> VerifyReport:
-    """Read every bag completely; report each problem (never skip one silently)."""
+def verify_archive(directory: str | Path, robot: BagEncoding | None = None, cache: bool = False) -> VerifyReport:
+    """Read every bag completely; report each problem (never skip one silently).
+
+    Without `cache` (the default) every bag is read from its files, neither from nor into the columnar cache:
+    the cache is keyed on sizes, mtimes and the files' last 64 KiB, so a bag damaged in the middle since it
+    was cached (bit rot, a bad copy keeping mtimes) would still verify. `archive info` reads through it."""
     robot = robot or RobotSpec.from_urdf()
     reports = []
     for bag in bag_dirs(directory):
         try:
-            _, report = read_bag(bag, robot)
+            _, report = read_bag(bag, robot, cache=True) if cache else _read_bag_uncached(bag, robot)
         except ArchiveError as exc:
             report = BagReport(str(bag), problems=[str(exc)])
         else:
@@ -78,9 +88,72 @@ def verify_archive(directory: str | Path, robot: BagEncoding | None = None) -> V
     return VerifyReport(reports)
 
 
+def _read_bag_uncached(bag: Path, robot: BagEncoding) -> tuple[list[Episode], BagReport]:
+    """read_bag without its cache: the bulk decoder (every chunk decompressed and its CRC checked) for the
+    arm's regular bags, the per-message reader for anything else, as read_bag decodes on a cache miss."""
+    if isinstance(robot, RobotSpec):
+        try:
+            decoded, counts = columnar.decode_bag(bag, robot, TYPESTORE, TOPICS)
+        except columnar.Irregular:
+            pass
+        else:
+            report = BagReport(str(bag), messages=counts)
+            episodes = columnar.run_rule(decoded, robot, bag.name, 1.0, report)
+            report.episodes, report.transitions = len(episodes), sum(len(e) for e in episodes)
+            report.tasks = sorted({e.task_id for e in episodes})
+            return episodes, report
+    return read_bag_per_message(bag, robot)
+
+
+_TASK_ID = re.compile(r"(.+)/(?:train|test|ood)/\d+")
+
+
+def recorded_identity(directory: str | Path, max_messages: int = 1000
+                      ) -> list[tuple[Path, tuple[str | None, tuple[tuple[str, ...], tuple[str, ...]] | None]]]:
+    """Per bag under `directory`: (family, (arm joint names, gripper joint names)) as its first messages show
+    them, from the first /mql/episode task id of the form "<family>/<split>/<i>" (what `train --archive`
+    records) and the first /joint_states and /gripper/joint_states. None for what a bag does not show or
+    cannot be read (`archive verify` reports such a bag). Read as a stream, at most `max_messages` per bag."""
+    from mcap.reader import NonSeekingReader
+    from mcap_ros2.decoder import DecoderFactory
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        return []
+    out = []
+    for bag in bag_dirs(path):
+        family, arm, gripper = None, None, None
+        try:
+            files = sorted(bag.glob("*.mcap"))
+            with open(files[0], "rb") as f:
+                factory, decoders = DecoderFactory(), {}
+                for n, (schema, channel, message) in enumerate(
+                        NonSeekingReader(f).iter_messages(log_time_order=False)):
+                    if n >= max_messages or (family is not None and arm is not None and gripper is not None):
+                        break
+                    topic = channel.topic
+                    wanted = {"/mql/episode": family, "/joint_states": arm, "/gripper/joint_states": gripper}
+                    if topic not in wanted or wanted[topic] is not None or schema is None:
+                        continue
+                    if channel.id not in decoders:
+                        decoders[channel.id] = factory.decoder_for(channel.message_encoding, schema)
+                    msg = decoders[channel.id](message.data)
+                    if topic == "/mql/episode":
+                        match = _TASK_ID.fullmatch(str(parse_episode_event(msg.data).get("task_id", "")))
+                        family = match.group(1) if match else family
+                    elif topic == "/joint_states":
+                        arm = tuple(msg.name)
+                    else:
+                        gripper = tuple(msg.name)
+        except Exception:  # noqa: BLE001 -- a damaged or foreign bag shows what it shows; verify says the rest
+            pass
+        out.append((bag, (family, (arm, gripper) if arm is not None and gripper is not None else None)))
+    return out
+
+
 def archive_info(directory: str | Path, robot: BagEncoding | None = None) -> dict:
     """Per bag: tasks, episodes, transitions, message counts and problems; totals."""
-    report = verify_archive(directory, robot)
+    report = verify_archive(directory, robot, cache=True)
     return {"bags": [asdict(b) for b in report.bags],
             "episodes": sum(b.episodes for b in report.bags),
             "transitions": sum(b.transitions for b in report.bags),

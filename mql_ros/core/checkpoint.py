@@ -148,6 +148,9 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     if mismatch:
         raise fail(f"weights do not fit the checkpoint's config: {mismatch}")
     extra = payload["extra"] if isinstance(payload["extra"], dict) else {}
+    problem = _extra_problem(extra)
+    if problem:
+        raise fail(problem)
     ckpt = Checkpoint(cfg, obs_dim, act_dim, str(payload["family"]), robot, weights, CHECKPOINT_VERSION,
                       hashlib.sha256(data).hexdigest(), extra)
     try:  # the weights must fit the networks the config builds
@@ -155,6 +158,38 @@ def load_checkpoint(path: str | Path, expect_obs_dim: int | None = None, expect_
     except CheckpointError as e:
         raise fail(str(e)) from e
     return ckpt
+
+
+# The `extra` keys this package writes and reads back (cli.py, nodes/adaptation.py), and their types. Others
+# are kept as they are. A hand-edited value of the wrong type loaded, then failed later: `train --init` with a
+# string as extra.curve failed after the whole training run.
+_NUMBER = (int, float)
+_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "curve": (list,), "steps": (int,), "seed": (int,), "command": (str,), "init": (dict,),
+    "adapted_from": (str,), "source": (str,), "report": (dict,),
+    "task_id": (str,), "parent_sha256": (str,), "adaptation": (dict,), "validation": (str,),
+}
+_TYPE_NAMES = {list: "a list", int: "an integer", str: "a string", dict: "a mapping"}
+
+
+def _extra_problem(extra: dict) -> str:
+    """Why a known key of `extra` does not hold what this package wrote there ('' if all do)."""
+    for key, types in _EXTRA_TYPES.items():
+        if key not in extra:
+            continue
+        value = extra[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            return (f"extra.{key} must be {' or '.join(_TYPE_NAMES[t] for t in types)}, got "
+                    f"{type(value).__name__} {str(value)[:100]!r}")
+    for i, entry in enumerate(extra.get("curve", [])):  # learning-curve entries (or plain numbers)
+        if isinstance(entry, dict):
+            bad = [k for k in ("step", "seconds") if k in entry and (not isinstance(entry[k], _NUMBER)
+                                                                  or isinstance(entry[k], bool))]
+            if bad:
+                return f"extra.curve[{i}].{bad[0]} must be a number, got {str(entry[bad[0]])[:100]!r}"
+        elif not isinstance(entry, _NUMBER) or isinstance(entry, bool):
+            return f"extra.curve[{i}] must be a learning-curve entry (a mapping), got {str(entry)[:100]!r}"
+    return ""
 
 
 def _shape_mismatch(cfg: MQLConfig, obs_dim: int, act_dim: int, weights: dict) -> str:

@@ -14,6 +14,7 @@ per second (benchmarks/speed.py --shared-encoder) but learned slightly worse in 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -282,6 +283,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                         f"found duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats that PyYAML's YAML 1.1 resolver reads as strings: an exponent without a dot in the mantissa
+# (1e-3, 5E+2) or without a sign (1.0e5). `lr: 1e-3`, the usual way to write a learning rate, was refused as
+# the string '1e-3'. Added after SafeLoader's own resolvers, so ints, 1.0e-3, .inf and .nan read as before.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _load_yaml(text: str) -> Any:

@@ -150,15 +150,16 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
 
 
 def evaluate(agent, family: TaskFamily | str, tasks: Sequence[dict], episodes: int = 1,
-             seed: int = 0) -> list[float]:
+             seed: int = 0, split: str = "eval") -> list[float]:
     """Mean return of the deterministic policy on each task over `episodes` episodes (zero-shot: the
-    context starts empty every episode and is inferred on the way)."""
+    context starts empty every episode and is inferred on the way). Errors name task i as F/split/i."""
     family = resolve_family(family)
     rng = np.random.default_rng(seed)
     out = []
     for i, task in enumerate(tasks):
-        env = make_checked_env(family, task, f"{family.name}/eval/{i}")
-        eps = rollout(env, agent, episodes=episodes, noise=0.0, rng=rng, task_id=f"{family.name}/eval/{i}")
+        name = f"{family.name}/{split}/{i}"
+        env = make_checked_env(family, task, name)
+        eps = rollout(env, agent, episodes=episodes, noise=0.0, rng=rng, task_id=name)
         out.append(float(np.mean([e.rewards.sum() for e in eps])))
     return out
 
