@@ -54,6 +54,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -186,6 +187,9 @@ def complete_episodes(events: list[tuple[int, dict]], tid: str) -> list[tuple[in
 
 
 def main() -> int:
+    # SIGTERM (a `kill` of this benchmark) ends it through the finally blocks that stop the node processes; by
+    # default it would leave them running, and loading the machine for whatever is measured next.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "arm_reach.pt"))
     ap.add_argument("--family", default="arm_reach", help="an arm family (sim_arm needs an ArmEnv)")
