@@ -9,6 +9,7 @@ from zero past that, so it always equals the batched encoder of networks.Context
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -133,6 +134,6 @@ class StreamingContext:
             return self._cell(gi, self.context).astype(np.float32, copy=False)
         # the window slides: its oldest entry leaves, so rerun it from zero (O(H))
         h = np.zeros(self.context_dim, dtype=np.float32)
-        for g in list(self._window)[1:] + [gi]:
+        for g in islice(self._window, 1, None):
             h = self._cell(g, h)
-        return h.astype(np.float32, copy=False)
+        return self._cell(gi, h).astype(np.float32, copy=False)
