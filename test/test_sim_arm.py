@@ -117,15 +117,19 @@ def test_observation_is_joint_state_in_robot_spec_order(env):
     assert env.action_space.shape == (env.robot.act_dim,)
 
 
-def test_random_actions_never_produce_nan(env):
-    env.reset(seed=2)
-    rng = np.random.default_rng(2)
-    for i in range(300):
+def assert_stable_under_random_and_bang_bang_actions(env, seed: int, steps: int) -> None:
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    for i in range(steps):
         action = rng.choice([-1.0, 1.0], 5) if i % 2 else rng.uniform(-1, 1, 5)  # bang-bang stresses servos
-        obs, reward, terminated, truncated, info = env.step(action)
+        obs, reward, _, truncated, info = env.step(action)
         assert np.all(np.isfinite(obs)) and np.isfinite(reward) and not info["diverged"]
         if truncated:
             env.reset()
+
+
+def test_random_actions_never_produce_nan(env):
+    assert_stable_under_random_and_bang_bang_actions(env, seed=2, steps=300)
 
 
 @pytest.mark.parametrize("field, value", [("qvel", 1e12), ("qpos", 50.0)])
@@ -240,14 +244,7 @@ def test_task_outside_its_physical_range_is_rejected_naming_the_key_the_value_an
 def test_tasks_at_the_edges_of_the_physical_ranges_are_accepted_and_simulate_stably(task):
     env = ArmEnv(task)
     assert env.task == check_task(task) == task
-    env.reset(seed=9)
-    rng = np.random.default_rng(9)
-    for i in range(200):
-        action = rng.choice([-1.0, 1.0], 5) if i % 2 else rng.uniform(-1, 1, 5)  # bang-bang stresses servos
-        obs, reward, _, truncated, info = env.step(action)
-        assert np.all(np.isfinite(obs)) and np.isfinite(reward) and not info["diverged"]
-        if truncated:
-            env.reset()
+    assert_stable_under_random_and_bang_bang_actions(env, seed=9, steps=200)
 
 
 def test_the_target_bound_is_about_twice_the_arms_reach(env):
