@@ -161,6 +161,27 @@ def test_sigkill_of_the_adaptation_node_loses_only_its_open_bag_and_a_restart_re
     assert not whole.problems and len(episodes) == 1 and len(episodes[0]) > 25, whole
 
 
+def test_with_the_control_loop_running_the_sim_keeps_its_rate_and_the_policy_never_holds_on_a_stale_state(
+        ros_graph, tiny_checkpoint):
+    """The fault tests below rely on the healthy loop being healthy. On rclpy's MultiThreadedExecutor the sim
+    spent ~56% CPU polling futures and published 16-39 of its 50 states/s; the policy then held ("joint state
+    is 0.3 s old") with nothing killed, and the fault tests failed on the wrong hold reason."""
+    probe = ros_graph.probe
+    watch(probe)
+    start_control(ros_graph, tiny_checkpoint)
+    wait_acting(probe)
+    held_before = int(policy_status(probe)["held_ticks"])
+    start_ns = time.time_ns()
+    time.sleep(4.0)
+    # Publication times in the sim process (DDS source timestamps): a stall of this test process is not the sim's.
+    sent = np.array(probe.published_ns("joint_states"))
+    sent = sent[sent > start_ns + 0.5e9] / 1e9
+    rate = (len(sent) - 1) / (sent[-1] - sent[0])
+    assert rate > 45.0, f"the sim published {rate:.1f} states/s, sim_rate 50"
+    held = int(policy_status(probe)["held_ticks"]) - held_before
+    assert held == 0, f"the policy held {held} ticks with every node running: {policy_status(probe)['_message']!r}"
+
+
 def test_sigkill_of_the_sim_makes_the_policy_hold_within_state_timeout_and_act_again_when_state_returns(
         ros_graph, tiny_checkpoint):
     probe = ros_graph.probe
