@@ -3,7 +3,7 @@
 The graph is sim_arm -> context_encoder -> policy, as real processes over DDS.
 
 Graph: the real `sim_arm`, `context_encoder` and `policy` executables, each its own process, on a ROS domain
-of their own (201..232, held by a lock file like the tests' domains), all at the family env's control rate
+of their own (one of 91..101, held by a lock file like the tests' domains), all at the family env's control rate
 (25 Hz for the arm families). For each of the first `--tasks` tasks of `--split` this process sets the sim's
 `task_index` parameter, calls /sim/reset (the task takes effect at the next episode), and measures the next
 `--episodes` complete episodes: the return of an episode is the sum of the /mql/reward messages the sim
@@ -51,7 +51,6 @@ Prints numbers; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -68,30 +67,17 @@ sys.path.insert(0, str(ROOT / "test"))  # the process helpers of the integration
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ros_latency import timer_on_time  # noqa: E402
-from rosgraph_helpers import NodeProcess, Probe, diagnostic_values, wait_control_loop_connected  # noqa: E402
+from rosgraph_helpers import (  # noqa: E402
+    BENCHMARK_DOMAINS,
+    NodeProcess,
+    Probe,
+    claim_domain,
+    diagnostic_values,
+    wait_control_loop_connected,
+)
 from soak import cpu_seconds  # noqa: E402
 
 NODES = ("sim_arm", "context_encoder", "policy")
-DOMAINS = range(201, 233)  # benchmarks take 201..232; tests 1..200 (test/conftest.py)
-
-
-def claim_domain():
-    """(domain, open lock file): a ROS domain no concurrent test or benchmark holds, kept while the file is open."""
-    locks = Path(tempfile.gettempdir()) / "mql_ros_test_domains"
-    locks.mkdir(exist_ok=True)
-    start = os.getpid() % len(DOMAINS)
-    for i in range(len(DOMAINS)):
-        domain = DOMAINS[(start + i) % len(DOMAINS)]
-        lock = open(locks / f"{domain}.lock", "w")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return domain, lock
-    raise RuntimeError(f"all ROS domains {DOMAINS.start}..{DOMAINS.stop - 1} are locked under {locks}")
-
-
 class _Seeds:
     """Stands in for rollout's rng: hands out the given reset seeds in order (the policy is deterministic, so
     rollout draws nothing else)."""
@@ -226,7 +212,7 @@ def main() -> int:
     rate, steps = 1.0 / env.control_dt, env.episode_steps
     ckpt = str(Path(args.checkpoint).resolve())
     policy = DeployedPolicy.from_checkpoint(ckpt)
-    domain, _lock = claim_domain()
+    domain, _lock = claim_domain(BENCHMARK_DOMAINS, os.getpid())
     work = Path(tempfile.mkdtemp(prefix="mql_ros_graph_return_"))
     load0 = os.getloadavg()
     print(f"graph_return: {family.name}/{args.split}, {args.tasks} tasks x {args.episodes} episodes x "

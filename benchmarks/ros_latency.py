@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "test"))  # the process helpers of the integration tests
 
-from rosgraph_helpers import NodeProcess, Probe, ros_env  # noqa: E402
+from rosgraph_helpers import BENCHMARK_DOMAINS, NodeProcess, Probe, claim_domain, ros_env  # noqa: E402
 
 ECHO = """
 import sys
@@ -178,7 +178,7 @@ def main() -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(work / "bench.pt")
     context_dim = DeployedPolicy.from_checkpoint(ckpt).context_dim
     expected = int(args.seconds * args.rate)
-    domain = 201 + os.getpid() % 30  # tests take 1..200 (test/conftest.py)
+    domain, _lock = claim_domain(BENCHMARK_DOMAINS, os.getpid())
     print(f"ros_latency: {args.rate:g} Hz for {args.seconds:g} s (+{args.warmup:g} s warm-up), "
           f"checkpoint {ckpt.name}, context_dim {context_dim}, {os.cpu_count()} CPUs, "
           f"{scheduling(args.policy_priority)}")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "test"))  # the process helpers of the integration
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ros_latency import scheduling, timer_on_time  # noqa: E402
-from rosgraph_helpers import NodeProcess, Probe, diagnostic_values  # noqa: E402
+from rosgraph_helpers import BENCHMARK_DOMAINS, NodeProcess, Probe, claim_domain, diagnostic_values  # noqa: E402
 
 NODES = ("context_encoder", "policy", "adaptation")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -216,7 +216,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mql_ros_soak_"))
     archive = work / "archive"
-    domain = 201 + os.getpid() % 32  # benchmarks take 201..232; tests 1..200 (test/conftest.py)
+    domain, _lock = claim_domain(BENCHMARK_DOMAINS, os.getpid())
     print(f"soak: states {args.state_rate:g} Hz, control {args.control_rate:g} Hz, {args.seconds:g} s, policy "
           f"{scheduling(args.policy_priority)} "
           f"(+{args.warmup:g} s warm-up), episodes of {args.episode_seconds:g} s, domain {domain}, "

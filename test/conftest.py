@@ -6,41 +6,32 @@ AMENT_PREFIX_PATH defaults to the venv so an installed (pip) package is found li
 
 from __future__ import annotations
 
-import fcntl
+import itertools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
+from rosgraph_helpers import TEST_DOMAINS, claim_domain  # noqa: E402
 
 os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
 
-_DOMAIN_LOCKS = Path(tempfile.gettempdir()) / "mql_ros_test_domains"
+_next_domain = itertools.count(os.getpid())  # each test of a run starts at the next id: none inherits the last's
 
 
 @pytest.fixture
 def ros_domain():
     """A ROS_DOMAIN_ID for this test alone: an exclusive lock on one id is held for the test's duration, so
-    concurrently running pytest processes (other checkouts, benchmarks) never share a domain."""
-    _DOMAIN_LOCKS.mkdir(exist_ok=True)
-    start = os.getpid() % 200
-    for i in range(200):
-        domain = 1 + (start + i) % 200
-        lock = open(_DOMAIN_LOCKS / f"{domain}.lock", "w")  # noqa: SIM115 - held until teardown
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        try:
-            yield domain
-        finally:
-            lock.close()
-        return
-    raise RuntimeError(f"all 200 test ROS domains are locked under {_DOMAIN_LOCKS}")
+    concurrently running pytest processes (other checkouts, benchmarks) never share a domain, and consecutive
+    tests of one run use different ids, so nothing a test left behind in DDS (a late-exiting process, shared
+    memory of a SIGKILLed one) is discovered by the next."""
+    domain, lock = claim_domain(TEST_DOMAINS, next(_next_domain))
+    try:
+        yield domain
+    finally:
+        lock.close()
 
 
 @pytest.fixture

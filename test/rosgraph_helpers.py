@@ -6,10 +6,12 @@ Waiting is always on a condition with a timeout; a timeout failure shows the nod
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +21,29 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED_LIB = Path(sys.prefix) / "lib" / "mql_ros"
+
+
+# ROS 2's safe domain ids are 0-101 (About-Domain-ID; domain_coordinator takes 1-100): higher ids put the DDS
+# ports in Linux's ephemeral range, where another socket can hold them. 0 is left to what runs outside tests.
+TEST_DOMAINS = range(1, 91)
+BENCHMARK_DOMAINS = range(91, 102)
+DOMAIN_LOCKS = Path(tempfile.gettempdir()) / "mql_ros_test_domains"
+
+
+def claim_domain(domains: range, start: int):
+    """(domain, open lock file): the first id of `domains` from `start` on (cyclically) that no concurrent test
+    or benchmark holds; it stays this process's while the file is open."""
+    DOMAIN_LOCKS.mkdir(exist_ok=True)
+    for i in range(len(domains)):
+        domain = domains[(start + i) % len(domains)]
+        lock = open(DOMAIN_LOCKS / f"{domain}.lock", "w")  # noqa: SIM115 - the caller holds it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return domain, lock
+    raise RuntimeError(f"all ROS domains {domains.start}..{domains.stop - 1} are locked under {DOMAIN_LOCKS}")
 
 
 def ros_env(domain_id: int) -> dict[str, str]:
