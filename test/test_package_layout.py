@@ -1,7 +1,9 @@
 """The package installs as a complete ament package from pip, and its core stays ROS-free."""
 
+import ast
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,31 @@ def test_package_xml_is_format_3_ament_python():
     assert root.find("export/build_type").text == "ament_python"
     deps = {e.text for e in root.iter("exec_depend")}
     assert {"rclpy", "sensor_msgs", "std_msgs", "std_srvs", "diagnostic_msgs", "launch_ros"} <= deps
+
+
+def _imported_ros_interface_packages() -> set[str]:
+    """Top-level *_msgs / *_srvs / *_interfaces packages that the package's code and launch files import."""
+    found = set()
+    for path in [*(ROOT / "mql_ros").rglob("*.py"), *(ROOT / "launch").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found |= {n.split(".")[0] for n in names if re.search(r"_(msgs|srvs|interfaces)$", n.split(".")[0])}
+    return found
+
+
+def test_package_xml_declares_exactly_the_interface_packages_the_code_imports():
+    """A user's rosdep installs what package.xml names: an import it misses fails on their machine only, and a
+    package it names that nothing uses is an install for nothing."""
+    declared = {e.text for e in ET.parse(ROOT / "package.xml").getroot().iter("exec_depend")}
+    declared = {d for d in declared if re.search(r"_(msgs|srvs|interfaces)$", d)}
+    imported = _imported_ros_interface_packages()
+    # rclpy.lifecycle (every hardware-facing node is a lifecycle node) imports lifecycle_msgs itself; users
+    # drive the transitions with its services (`ros2 lifecycle set`).
+    needed = imported | {"lifecycle_msgs"}
+    assert imported >= {"sensor_msgs", "std_msgs"}, imported  # the scan sees the nodes' imports
+    assert needed - declared == set(), f"imported but not in package.xml: {sorted(needed - declared)}"
+    assert declared - needed == set(), f"in package.xml but never imported: {sorted(declared - needed)}"
 
 
 def test_core_import_does_not_import_rclpy():
