@@ -53,6 +53,16 @@ def test_colcon_build_installs_the_ament_layout(colcon_install: Path):
     assert list(site.glob("mql_ros/core/_gru_kernel*.so")), "colcon did not build the C GRU kernel"
 
 
+def test_colcon_installs_the_command_line_where_ros2_run_finds_it(colcon_install: Path):
+    """In a ROS workspace console scripts go to lib/mql_ros (setup.cfg), not bin/: `ros2 run mql_ros mql-ros` is
+    how a colcon user runs the command line, which is what `ros2 run` does with this path."""
+    exe = colcon_install / "lib" / "mql_ros" / "mql-ros"
+    assert exe.is_file() and os.access(exe, os.X_OK), "lib/mql_ros/mql-ros is not an executable"
+    result = subprocess.run([str(exe), "train", "--help"], env=_colcon_env(colcon_install), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--family" in result.stdout, result.stdout + result.stderr
+
+
 def test_colcon_installed_package_finds_its_share_files_through_the_ament_index(colcon_install: Path):
     probe = ("import mql_ros, mql_ros.core.paths as p; print(mql_ros.__file__); print(p.share_dir())")
     out = subprocess.run([sys.executable, "-c", probe], env=_colcon_env(colcon_install),
