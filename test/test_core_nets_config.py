@@ -16,7 +16,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert MQLConfig.from_dict(cfg.to_dict()) == cfg
     path = tmp_path / "c.yaml"
     path.write_text("history_len: 60\nhidden_sizes: [32, 32]\nadapt:\n  proximal: fixed\n")
-    assert MQLConfig.from_yaml(path) == cfg
+    assert load_config(path) == cfg
 
 
 def test_overrides_merge_into_the_nested_adapt_section(tmp_path):
@@ -36,7 +36,7 @@ def test_an_unquoted_off_selects_no_proximal_term_from_a_file_and_the_command_li
     """YAML 1.1 (PyYAML) reads `off` as false; the documented choice must still work where it is written."""
     path = tmp_path / "c.yaml"
     path.write_text("adapt:\n  proximal: off\n")
-    assert MQLConfig.from_yaml(path).adapt.proximal == "off"
+    assert load_config(path).adapt.proximal == "off"
     assert AdaptConfig().with_overrides(["proximal=off"]).proximal == "off"
     with pytest.raises(ConfigError, match="proximal=True"):
         AdaptConfig().with_overrides(["proximal=on"])

@@ -232,10 +232,6 @@ class MQLConfig:
             d["hidden_sizes"] = tuple(d["hidden_sizes"])
         return cls(**d)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> MQLConfig:
-        return cls.from_dict(_read_yaml(path))
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hidden_sizes"] = list(self.hidden_sizes)
