@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
 
 import numpy as np
+import numpy.typing as npt
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
@@ -90,7 +91,7 @@ class BagWriter:
                              for topic, msgtype in TOPICS.items()}
         self.messages = 0
 
-    def write(self, topic: str, stamp_ns: int, msg) -> None:
+    def write(self, topic: str, stamp_ns: int, msg: object) -> None:
         try:
             self._writer.write(self._connections[topic], int(stamp_ns),
                                TYPESTORE.serialize_cdr(msg, TOPICS[topic]))
@@ -98,12 +99,13 @@ class BagWriter:
             raise ArchiveError(f"cannot write to bag {self.path}: {exc}") from exc
         self.messages += 1
 
-    def joint_state(self, topic: str, stamp_ns: int, names, positions, velocities) -> None:
+    def joint_state(self, topic: str, stamp_ns: int, names: Sequence[str], positions: npt.ArrayLike,
+                    velocities: npt.ArrayLike) -> None:
         self.write(topic, stamp_ns, _M[JOINT_STATE](
             header=_header(stamp_ns), name=list(names), position=np.asarray(positions, dtype=np.float64),
             velocity=np.asarray(velocities, dtype=np.float64), effort=np.zeros(0, dtype=np.float64)))
 
-    def command(self, topic: str, stamp_ns: int, values) -> None:
+    def command(self, topic: str, stamp_ns: int, values: npt.ArrayLike) -> None:
         self.write(topic, stamp_ns, _float_array(values))
 
     def reward(self, stamp_ns: int, value: float) -> None:
@@ -168,10 +170,11 @@ class ArchiveRecorder:
             self.failed = str(exc)
             raise
 
-    def record_joint_state(self, topic: str, stamp_ns: int, names, positions, velocities) -> None:
+    def record_joint_state(self, topic: str, stamp_ns: int, names: Sequence[str], positions: npt.ArrayLike,
+                           velocities: npt.ArrayLike) -> None:
         self._do(lambda bag: bag.joint_state(topic, stamp_ns, names, positions, velocities))
 
-    def record_command(self, topic: str, stamp_ns: int, values) -> None:
+    def record_command(self, topic: str, stamp_ns: int, values: npt.ArrayLike) -> None:
         self._do(lambda bag: bag.command(topic, stamp_ns, values))
 
     def record_reward(self, stamp_ns: int, value: float) -> None:
@@ -456,8 +459,8 @@ def _feed(builder: TransitionBuilder, topic: str, stamp: int, msg, pending: dict
             builder.on_command(max(t_arm, t_grip), arm, grip)
 
 
-def load_episodes(paths, robot: BagEncoding, task_id: str | None = None, episode_gap_s: float = 1.0,
-                  cache: bool = True, warn: Callable[[str], None] | None = None,
+def load_episodes(paths: str | Path | Iterable[str | Path], robot: BagEncoding, task_id: str | None = None,
+                  episode_gap_s: float = 1.0, cache: bool = True, warn: Callable[[str], None] | None = None,
                   stop: Callable[[], bool] | None = None) -> list[Episode]:
     """Episodes of every bag under `paths` (a directory, a bag, or a list of them). Problems in a bag are not
     silent: an unreadable bag raises ArchiveError naming it; a bag read with problems (messages the step rule

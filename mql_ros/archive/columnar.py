@@ -39,6 +39,7 @@ import tempfile
 import zlib
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,11 @@ from mql_ros.core.episode import Episode
 from mql_ros.core.errors import IncompleteStep, InputError
 from mql_ros.core.robot import RobotSpec
 from mql_ros.core.transitions import StepRule
+
+if TYPE_CHECKING:
+    from rosbags.typesys.store import Typestore
+
+    from mql_ros.archive.bags import BagReport
 
 CACHE_VERSION = 2
 CACHE_DIR_NAME = ".mql_cache"
@@ -234,7 +240,7 @@ class _Decoded:
         self.values: dict[int, list] = {k: [] for k in range(6)}  # per kind: arrays per channel
 
 
-def decode_bag(path: Path, robot: RobotSpec, typestore, topics: dict) -> tuple[_Decoded, dict]:
+def decode_bag(path: Path, robot: RobotSpec, typestore: Typestore, topics: dict) -> tuple[_Decoded, dict]:
     """Bulk-decode one bag's contract messages; Irregular if it must go through the per-message path."""
     files = sorted(path.glob("*.mcap")) if path.is_dir() else [path]
     if len(files) != 1:
@@ -317,7 +323,8 @@ def _count(where: slice) -> int:
     return (where.stop - where.start) // 8
 
 
-def run_rule(dec: _Decoded, robot: RobotSpec, task_id: str, episode_gap_s: float, report) -> list[Episode]:
+def run_rule(dec: _Decoded, robot: RobotSpec, task_id: str, episode_gap_s: float,
+             report: BagReport) -> list[Episode]:
     """Feed the decoded rows to the shared step rule in stream order, exactly as bags._feed does with
     decoded messages, then gather the episodes' arrays."""
     rule = StepRule(task_id, episode_gap_s)
@@ -431,7 +438,7 @@ def _crc(path: Path) -> int:
     return crc
 
 
-def write_cache(entry: Path, episodes: list[Episode], report, obs_dim: int, act_dim: int) -> None:
+def write_cache(entry: Path, episodes: list[Episode], report: BagReport, obs_dim: int, act_dim: int) -> None:
     """Write one bag's episodes and report to `entry` atomically (a temporary directory renamed)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp"))

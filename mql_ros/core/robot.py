@@ -13,24 +13,30 @@ offer the interface the step rule and the archive use (observation / split_obser
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.errors import InputError
 from mql_ros.core.paths import share_file
 
+if TYPE_CHECKING:
+    from gymnasium.spaces import Space
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def float32_finite(values) -> bool:
+def float32_finite(values: npt.ArrayLike) -> bool:
     """Finite, and still finite as float32: what the replay, the context and the networks hold. A value like
     1e39 passes a float64 isfinite check and becomes inf downstream."""
     return bool(np.all(np.abs(np.asarray(values, dtype=np.float64)) <= FLOAT32_MAX))  # NaN compares False
 
 
-def order_joint_state(names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
+def order_joint_state(names: Sequence[str], values: npt.ArrayLike, expected: tuple[str, ...], what: str) -> np.ndarray:
     """Pick `expected` joints out of a JointState's (names, values), matched by name, never by index."""
     names = list(names)
     values = list(values)
@@ -106,19 +112,20 @@ class RobotSpec:
     def command_upper(self) -> np.ndarray:
         return np.array(self.arm_upper + (self.gripper_upper,), dtype=np.float64)
 
-    def observation(self, arm_pos, arm_vel, grip_pos, grip_vel) -> np.ndarray:
+    def observation(self, arm_pos: npt.ArrayLike, arm_vel: npt.ArrayLike, grip_pos: npt.ArrayLike,
+                    grip_vel: npt.ArrayLike) -> np.ndarray:
         """Stack joint readings (already in spec order) into the observation vector; reject bad values."""
         return np.concatenate([_finite(name, values, n) for name, values, n in (
             ("arm position", arm_pos, self.n_arm), ("arm velocity", arm_vel, self.n_arm),
             ("gripper position", grip_pos, self.n_gripper), ("gripper velocity", grip_vel, self.n_gripper))])
 
-    def split_observation(self, obs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def split_observation(self, obs: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Inverse of `observation`: (arm position, arm velocity, gripper position, gripper velocity)."""
         o = _finite("observation", obs, self.obs_dim)
         n, g = self.n_arm, self.n_gripper
         return o[:n], o[n:2 * n], o[2 * n:2 * n + g], o[2 * n + g:]
 
-    def action_to_commands(self, action) -> tuple[np.ndarray, np.ndarray]:
+    def action_to_commands(self, action: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Normalized action -> (arm position targets, gripper target), clamped to the joint limits.
 
         A non-finite action is an error: the caller decides to hold instead of guessing a command.
@@ -132,7 +139,7 @@ class RobotSpec:
         cmd = np.clip(0.5 * (lo + hi) + np.clip(a, -1.0, 1.0) * 0.5 * (hi - lo), lo, hi)
         return cmd[: self.n_arm], cmd[self.n_arm:]
 
-    def commands_to_action(self, arm_cmd, grip_cmd) -> np.ndarray:
+    def commands_to_action(self, arm_cmd: npt.ArrayLike, grip_cmd: npt.ArrayLike) -> np.ndarray:
         """Exact inverse of action_to_commands for commands inside the limits (clipped to [-1, 1])."""
         arm = np.asarray(arm_cmd, dtype=np.float64).reshape(-1)
         grip = np.asarray(grip_cmd, dtype=np.float64).reshape(-1)
@@ -146,7 +153,8 @@ class RobotSpec:
         lo, hi = self.command_lower, self.command_upper
         return np.clip((cmd - 0.5 * (lo + hi)) / (0.5 * (hi - lo)), -1.0, 1.0)
 
-    def order_joint_state(self, names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
+    def order_joint_state(self, names: Sequence[str], values: npt.ArrayLike, expected: tuple[str, ...],
+                          what: str) -> np.ndarray:
         return order_joint_state(names, values, expected, what)
 
     def to_dict(self) -> dict:
@@ -253,7 +261,7 @@ class BoxSpec:
             object.__setattr__(self, name, int(value))
 
     @classmethod
-    def from_spaces(cls, observation_space, action_space, where: str = "family") -> BoxSpec:
+    def from_spaces(cls, observation_space: Space, action_space: Space, where: str = "family") -> BoxSpec:
         """The encoding of an env's spaces; anything but 1-D Box spaces is an InputError naming the space."""
         import gymnasium
 
@@ -278,7 +286,8 @@ class BoxSpec:
     def n_gripper(self) -> int:
         return 0
 
-    def observation(self, arm_pos, arm_vel, grip_pos, grip_vel) -> np.ndarray:
+    def observation(self, arm_pos: npt.ArrayLike, arm_vel: npt.ArrayLike, grip_pos: npt.ArrayLike,
+                    grip_vel: npt.ArrayLike) -> np.ndarray:
         obs = _finite("observation (/joint_states positions)", arm_pos, self.obs_dim)
         vel = _finite("/joint_states velocities", arm_vel, self.obs_dim)
         if np.any(vel != 0.0):
@@ -288,20 +297,21 @@ class BoxSpec:
         _finite("/gripper/joint_states velocities", grip_vel, 0)
         return obs
 
-    def split_observation(self, obs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def split_observation(self, obs: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         o = _finite("observation", obs, self.obs_dim)
         return o, np.zeros(self.obs_dim), np.zeros(0), np.zeros(0)
 
-    def action_to_commands(self, action) -> tuple[np.ndarray, np.ndarray]:
+    def action_to_commands(self, action: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """The normalized action itself (clipped to [-1, 1]) on the arm command topic; no gripper command."""
         return np.clip(_finite("action", action, self.act_dim), -1.0, 1.0), np.zeros(0)
 
-    def commands_to_action(self, arm_cmd, grip_cmd) -> np.ndarray:
+    def commands_to_action(self, arm_cmd: npt.ArrayLike, grip_cmd: npt.ArrayLike) -> np.ndarray:
         a = _finite("/arm_controller/commands", arm_cmd, self.act_dim)
         _finite("/gripper_controller/commands", grip_cmd, 0)
         return np.clip(a, -1.0, 1.0)
 
-    def order_joint_state(self, names, values, expected: tuple[str, ...], what: str) -> np.ndarray:
+    def order_joint_state(self, names: Sequence[str], values: npt.ArrayLike, expected: tuple[str, ...],
+                          what: str) -> np.ndarray:
         return order_joint_state(names, values, expected, what)
 
     def to_dict(self) -> dict:

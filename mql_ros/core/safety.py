@@ -16,10 +16,12 @@ The rules hold whatever arrives on the wire and whatever the weights are:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.errors import CheckpointError, InputError
 from mql_ros.core.robot import RobotSpec, float32_finite
@@ -69,8 +71,8 @@ class Command:
     hold: str = ""
 
 
-def read_joint_state(robot: RobotSpec, names, positions, velocities, joints: tuple[str, ...], what: str
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def read_joint_state(robot: RobotSpec, names: Sequence[str], positions: npt.ArrayLike, velocities: npt.ArrayLike,
+                     joints: tuple[str, ...], what: str) -> tuple[np.ndarray, np.ndarray]:
     """(positions, velocities) of `joints`, matched by name; InputError on NaN/inf, gaps or no velocities."""
     pos = robot.order_joint_state(names, positions, joints, f"{what} position")
     if len(velocities) == 0:
@@ -106,7 +108,8 @@ class CommandGuard:
         for reading in (self.arm, self.gripper, self.context):
             reading.expire(reason)
 
-    def set_joint_state(self, which: str, names, positions, velocities, now: float,
+    def set_joint_state(self, which: str, names: Sequence[str], positions: npt.ArrayLike,
+                        velocities: npt.ArrayLike, now: float,
                         measured_age: float | None = None) -> None:
         """Accept an 'arm' or 'gripper' JointState's fields; InputError (and a fault: hold) if malformed, or if
         its header stamp says it was measured more than state_timeout ago (`measured_age`, s; None: unstamped).
@@ -131,7 +134,7 @@ class CommandGuard:
             raise
         reading.accept(value, now - max(measured_age or 0.0, 0.0))
 
-    def set_context(self, z, expected_dim: int, now: float) -> None:
+    def set_context(self, z: npt.ArrayLike, expected_dim: int, now: float) -> None:
         """Accept a context of `expected_dim` finite values; InputError (and a fault) otherwise."""
         z = np.asarray(z, dtype=np.float32).reshape(-1)
         if z.shape[0] != expected_dim or not np.all(np.isfinite(z)):

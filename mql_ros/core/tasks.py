@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import gymnasium
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.errors import InputError
 from mql_ros.core.robot import FLOAT32_MAX
@@ -142,7 +143,7 @@ class CheckedEnv(gymnasium.Wrapper):
                              f"(beyond {FLOAT32_MAX:.4g}): {arr.tolist()}")
         return arr.astype(np.float32)
 
-    def reset(self, **kwargs):
+    def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
         out = self.env.reset(**kwargs)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
             raise InputError(f"{self._where}: reset returned {_describe_return(out)}, expected gymnasium's "
@@ -151,7 +152,7 @@ class CheckedEnv(gymnasium.Wrapper):
         self._step = 0
         return self._check_obs(obs, "reset"), info
 
-    def step(self, action):
+    def step(self, action: npt.ArrayLike) -> tuple[np.ndarray, float, bool, bool, dict]:
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape[0] != self.act_dim or not np.all(np.isfinite(a)):
             raise InputError(f"{self._where}: step {self._step}: action must be {self.act_dim} finite "

@@ -23,9 +23,11 @@ decoded in one go and gathers the arrays afterwards. Both therefore follow the s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import IncompleteStep, InputError
@@ -86,7 +88,7 @@ class StepRule:
             raise InputError(f"time went backwards: {stamp_ns} ns after {self.last_stamp} ns")
         self.last_stamp = stamp_ns
 
-    def on_reward(self, stamp_ns: int, reward) -> None:
+    def on_reward(self, stamp_ns: int, reward: float) -> None:
         self.advance(stamp_ns)
         self.reward = (stamp_ns, reward)
         self.rewarded = self.pending is not None
@@ -100,7 +102,7 @@ class StepRule:
         _, obs, action = self.pending
         return obs, action, self.reward[1]
 
-    def on_episode(self, stamp_ns: int, event_json: str):
+    def on_episode(self, stamp_ns: int, event_json: str) -> tuple | None:
         """A start event opens an episode of its task (dropping an unfinished one); an end event completes
         the last pending transition. Returns that transition's (task, s, a, r, s'), if any."""
         event = parse_episode_event(event_json)
@@ -124,7 +126,7 @@ class StepRule:
             self.arm = self.grip = None
             self.ended = True
 
-    def on_command(self, stamp_ns: int, action):
+    def on_command(self, stamp_ns: int, action: np.ndarray | tuple[int, int]) -> tuple | None:
         """Command k (already advanced past and turned into an action payload): completes transition k-1
         (returned as (task, s, a, r, s')) and opens transition k."""
         done, dropped = None, None
@@ -154,7 +156,7 @@ class StepRule:
         self.clear_episode()
         return episode
 
-    def complete(self):
+    def complete(self) -> tuple | None:
         """Close the pending transition with the reward received after its command and the state now."""
         if self.pending is None:
             return None
@@ -198,11 +200,13 @@ class TransitionBuilder:
         return [self._episode(raw) for raw in self.rule.finished]
 
     # ------------------------------------------------------------------ message handlers
-    def on_joint_state(self, stamp_ns: int, names, positions, velocities) -> None:
+    def on_joint_state(self, stamp_ns: int, names: Sequence[str], positions: npt.ArrayLike,
+                       velocities: npt.ArrayLike) -> None:
         self.rule.advance(stamp_ns)
         self.rule.arm = self._read_state(names, positions, velocities, self.robot.arm_joints, "arm joint state")
 
-    def on_gripper_state(self, stamp_ns: int, names, positions, velocities) -> None:
+    def on_gripper_state(self, stamp_ns: int, names: Sequence[str], positions: npt.ArrayLike,
+                         velocities: npt.ArrayLike) -> None:
         self.rule.advance(stamp_ns)
         self.rule.grip = self._read_state(names, positions, velocities, self.robot.gripper_joints,
                                           "gripper joint state")
@@ -226,7 +230,7 @@ class TransitionBuilder:
         the last pending transition. Returns that transition, if any."""
         return self._transition(self.rule.on_episode(stamp_ns, event_json))
 
-    def on_command(self, stamp_ns: int, arm_cmd, grip_cmd) -> Transition | None:
+    def on_command(self, stamp_ns: int, arm_cmd: npt.ArrayLike, grip_cmd: npt.ArrayLike) -> Transition | None:
         """Command k: completes transition k-1 (returned) and opens transition k."""
         self.rule.advance(stamp_ns)
         action = self.robot.commands_to_action(arm_cmd, grip_cmd)

@@ -13,8 +13,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -34,6 +36,10 @@ from rclpy.qos import (
 from mql_ros.core.errors import CheckpointError, ConfigError, InputError, MQLError
 from mql_ros.core.paths import share_file
 from mql_ros.core.robot import RobotSpec
+
+if TYPE_CHECKING:
+    from rclpy.parameter import AllowableParameterValue
+    from sensor_msgs.msg import JointState
 
 # High-rate state: best effort, keep the latest few (a late sample is worth less than a fresh one).
 SENSOR_QOS = qos_profile_sensor_data
@@ -58,8 +64,9 @@ DIAGNOSTICS = "/diagnostics"
 DEFAULT_CHECKPOINT = "checkpoints/arm_reach.pt"
 
 
-def declare(node: Node, name: str, default, description: str, lo: float | None = None,
-            hi: float | None = None, choices: Sequence[str] | None = None, read_only: bool = True):
+def declare(node: Node, name: str, default: AllowableParameterValue | Parameter.Type, description: str,
+            lo: float | None = None, hi: float | None = None, choices: Sequence[str] | None = None,
+            read_only: bool = True) -> AllowableParameterValue:
     """Declare a parameter with a description and range; a refused value is a ConfigError naming the range.
 
     `default` may be a Parameter.Type for parameters without a default (e.g. an optional string list).
@@ -122,7 +129,7 @@ def checkpoint_path(value: str) -> str:
     return value if value else str(share_file(DEFAULT_CHECKPOINT))
 
 
-def stamp_ns(msg) -> int:
+def stamp_ns(msg: JointState) -> int:
     """A header stamp in integer nanoseconds."""
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
 
@@ -158,7 +165,7 @@ class CommandPair:
         self._arm: tuple[int, np.ndarray] | None = None
         self._grip: tuple[int, np.ndarray] | None = None
 
-    def add(self, which: str, stamp: int, values) -> tuple[int, np.ndarray, np.ndarray] | None:
+    def add(self, which: str, stamp: int, values: npt.ArrayLike) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Add an 'arm' or 'gripper' command; return (stamp, arm, gripper) when the step is complete."""
         entry = (stamp, np.asarray(values, dtype=np.float64))
         if which == "arm":

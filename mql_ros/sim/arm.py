@@ -14,6 +14,7 @@ from pathlib import Path
 import gymnasium
 import mujoco
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.errors import InputError
 from mql_ros.core.paths import share_file
@@ -195,7 +196,7 @@ class ArmEnv(gymnasium.Env):
         mujoco.mj_setConst(m, self.data)  # body masses changed: refresh the derived constants
 
     # ------------------------------------------------------------------ gymnasium API
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         if self._pending_task is not None:
             self._task, self._pending_task = self._pending_task, None
@@ -203,7 +204,7 @@ class ArmEnv(gymnasium.Env):
         self._reset_physics(self.np_random)
         return self._observation(), {"task": self.task}
 
-    def step(self, action):
+    def step(self, action: npt.ArrayLike) -> tuple[np.ndarray, float, bool, bool, dict]:
         arm_cmd, grip_cmd = self.robot.action_to_commands(action)
         self.apply_commands(arm_cmd, grip_cmd)
         diverged = self.advance(self.control_dt)
@@ -214,11 +215,11 @@ class ArmEnv(gymnasium.Env):
         return obs, reward, False, truncated, {"distance": self.distance(), "diverged": diverged}
 
     # ------------------------------------------------------------------ ROS path
-    def apply_commands(self, arm_cmd, grip_cmd) -> None:
+    def apply_commands(self, arm_cmd: npt.ArrayLike, grip_cmd: npt.ArrayLike) -> None:
         """Absolute joint position targets (what /arm_controller/commands carries), clamped to the limits."""
         self.data.ctrl[:] = self.servo_targets(arm_cmd, grip_cmd)
 
-    def servo_targets(self, arm_cmd, grip_cmd) -> np.ndarray:
+    def servo_targets(self, arm_cmd: npt.ArrayLike, grip_cmd: npt.ArrayLike) -> np.ndarray:
         """The actuator inputs (data.ctrl) that apply_commands sets for these commands."""
         arm = np.asarray(arm_cmd, dtype=np.float64).reshape(-1)
         grip = np.asarray(grip_cmd, dtype=np.float64).reshape(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gymnasium
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.errors import InputError
 
@@ -34,13 +35,13 @@ class PointGoalEnv(gymnasium.Env):
         self._x = np.zeros(self.dim)
         self._t = 0
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._x = np.zeros(self.dim)
         self._t = 0
         return self._x.astype(np.float32), {}
 
-    def step(self, action):
+    def step(self, action: npt.ArrayLike) -> tuple[np.ndarray, float, bool, bool, dict]:
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(self.dim), -1.0, 1.0)
         self._x = np.clip(self._x + self.max_step * a, -POSITION_LIMIT, POSITION_LIMIT)
         self._t += 1
