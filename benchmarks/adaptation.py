@@ -68,7 +68,7 @@ def trained_oracle_returns(agent, family, tasks, split, episodes, n_episodes, n_
             for _ in range(n_updates):
                 agent.update(replay.sample(agent.cfg.batch_size, rng))
             eps = rollout(env, agent, episodes=episodes, rng=rng, task_id=name)
-            out.append(float(np.mean([e.rewards.sum() for e in eps])))
+            out.append(float(np.mean([e.total_reward for e in eps])))
             agent.restore(meta)
     finally:
         agent.restore(meta)

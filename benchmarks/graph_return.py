@@ -132,7 +132,7 @@ def ros_free_returns(policy, family, task: dict, name: str, seeds: list[int]) ->
     from mql_ros.core.training import rollout
 
     env = make_checked_env(family, task, name)
-    return [float(e.rewards.sum()) for e in rollout(env, policy, episodes=len(seeds), rng=_Seeds(seeds),
+    return [e.total_reward for e in rollout(env, policy, episodes=len(seeds), rng=_Seeds(seeds),
                                                      task_id=name)]
 
 

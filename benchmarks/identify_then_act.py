@@ -52,7 +52,7 @@ def told_returns(told, decoder, agent, family, tasks, split: str, episodes: int,
         for shown, out in ((decoded_target(decoder, agent, task, new[-1]), identified), (None, shown_true)):
             rng.bit_generator.state = state
             env = TargetInObservation(family.make_env(task), shown=shown)
-            out.append(float(np.mean([e.rewards.sum() for e in rollout(env, told, episodes=episodes, rng=rng,
+            out.append(float(np.mean([e.total_reward for e in rollout(env, told, episodes=episodes, rng=rng,
                                                                          task_id=name)])))
     return identified, shown_true
 

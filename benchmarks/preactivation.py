@@ -43,7 +43,7 @@ def run(family: OneTarget, l2: float, steps: int, seed: int, episodes: int) -> d
     eps = rollout(make_checked_env(family, task, "eval"), agent, episodes=episodes,
                   rng=np.random.default_rng(seed))
     actions = np.concatenate([e.actions for e in eps])
-    return {"actor_preactivation_l2": l2, "return": float(np.mean([e.rewards.sum() for e in eps])),
+    return {"actor_preactivation_l2": l2, "return": float(np.mean([e.total_reward for e in eps])),
             "final_distance_m": float(np.mean([-e.rewards[-1] for e in eps])),
             "saturated_fraction": float(np.mean(np.abs(actions) > 0.99))}
 

@@ -102,7 +102,7 @@ def test_evaluate_returns_the_mean_return_of_each_task():
     agent = TD3Context(CFG, 1, 1, seed=3)
     returns = evaluate(agent, FAMILY, FAMILY.test_tasks(), episodes=2)
     env = make_checked_env(FAMILY, FAMILY.test_tasks()[1])
-    expected = rollout(env, agent)[0].rewards.sum()  # deterministic env and policy
+    expected = rollout(env, agent)[0].total_reward  # deterministic env and policy
     assert len(returns) == 2 and returns[1] == pytest.approx(expected, abs=1e-5)
 
 

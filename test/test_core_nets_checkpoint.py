@@ -204,18 +204,20 @@ def test_shipped_checkpoint_holds_the_config_of_its_documented_training_commands
 def test_the_documented_first_training_command_repeats_the_shipped_learning_curve_through_step_6000():
     """The README's first command (seed 0, config/arm_reach_train.yaml) is where the shipped checkpoint starts,
     and its stored learning curve begins with that run's. The random-action phase (the first 5000 steps) runs
-    through no learned network, so its returns must repeat exactly on any machine; the first 1000 steps of
-    updates depend on the CPU's floating-point paths (bit for bit on the machine that made the checkpoint,
-    0.0011 of return off at step 6000 on an AVX-512 Xeon, README "Bit-for-bit only on the same kind of
-    machine"), so they must repeat within 0.05. A change to the training code, its seeding or the
+    through no learned network, so its returns must repeat on any machine (to 1e-6 relative: the stored
+    curve summed episodes in float32, 1.2e-8 off the float64 sum); the first 1000 steps of updates depend on
+    the CPU's floating-point paths (bit for bit on the machine that made the checkpoint, 0.0011 of return off
+    at step 6000 on an AVX-512 Xeon, README "Bit-for-bit only on the same kind of machine"), so they must
+    repeat within 0.05. A change to the training code, its seeding or the
     configuration's defaults moves them by far more."""
     root = Path(__file__).resolve().parents[1]
     stored = {e["step"]: e for e in load_checkpoint(root / "checkpoints" / "arm_reach.pt").extra["curve"]}
     cfg = load_config(root / "config" / "arm_reach_train.yaml")
     _, curve = meta_train("arm_reach", cfg, 6000, seed=0, progress=False)
     assert [e["step"] for e in curve] == [1000, 2000, 3000, 4000, 5000, 6000]
-    for entry in curve[:5]:
-        assert entry["mean_return"] == stored[entry["step"]]["mean_return"], entry["step"]
+    for entry in curve[:5]:  # the stored curve summed each episode in float32, a return now sums in float64
+        assert entry["mean_return"] == pytest.approx(stored[entry["step"]]["mean_return"], rel=1e-6, abs=0), \
+            entry["step"]
     assert curve[5]["updates"] == stored[6000]["updates"]
     assert curve[5]["mean_return"] == pytest.approx(stored[6000]["mean_return"], abs=0.05)
 

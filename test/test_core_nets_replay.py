@@ -137,6 +137,14 @@ def test_newest_within_keeps_the_newest_whole_episodes_up_to_the_transition_budg
         newest_within(episodes, 0)
 
 
+def test_an_episodes_total_reward_is_summed_in_float64():
+    # 2**24 + 1 + 1: a float32 running sum rounds each +1 away (2**24 is where float32 spacing becomes 2)
+    rewards = np.array([2.0**24, 1.0, 1.0])
+    episode = Episode("t", np.zeros((4, 1)), np.zeros((3, 1)), rewards)
+    assert float(episode.rewards.sum()) == 2.0**24  # what summing the float32 array itself gives
+    assert episode.total_reward == 2.0**24 + 2.0
+
+
 def test_loading_a_saved_episode_cut_short_is_an_input_error_naming_the_file(tmp_path):
     path = tmp_path / "episode.npz"
     episode = _episode(np.random.default_rng(0), 5, "t")

@@ -13,6 +13,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from mql_ros.core.episode import Episode
 from mql_ros.core.errors import InputError
@@ -52,7 +53,10 @@ def context_input_scale(episodes: list[Episode], floor: float = 0.01) -> np.ndar
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """1 / (1 + exp(-x)), the exponent capped at 88 (exp(88.8) overflows float32; the result is below 1e-38 there
+    anyway): an input like a -3e38 reward warned "overflow encountered in exp". Below the cap it is the same
+    computation as always, bit for bit, so training runs repeat the shipped checkpoint's curve."""
+    return 1.0 / (1.0 + np.exp(np.minimum(-x, 88.0)))
 
 
 class StreamingContext:
@@ -98,7 +102,7 @@ class StreamingContext:
         z = rz[c:]
         return (1.0 - z) * n + z * h
 
-    def push(self, obs, action, reward) -> np.ndarray:
+    def push(self, obs: npt.ArrayLike, action: npt.ArrayLike, reward: float) -> np.ndarray:
         """Append the entry (action, reward, obs) of the step just taken (obs is the state the action was
         taken in) and return the new context. Rejects wrong lengths and NaN before changing any state."""
         gi = self._projected(obs, action, reward)
@@ -108,7 +112,7 @@ class StreamingContext:
         self.context = h
         return self.context
 
-    def preview(self, obs, action, reward) -> np.ndarray:
+    def preview(self, obs: npt.ArrayLike, action: npt.ArrayLike, reward: float) -> np.ndarray:
         """The context push(obs, action, reward) would return, changing nothing: for an entry whose reward a
         later message may still replace."""
         return self._next_context(self._projected(obs, action, reward))

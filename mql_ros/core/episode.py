@@ -50,6 +50,12 @@ class Episode:
         return int(self.actions.shape[0])
 
     @property
+    def total_reward(self) -> float:
+        """The episode's (undiscounted) return, summed in float64: the float32 rewards are what the replay holds,
+        a float32 running sum would add its own rounding on top."""
+        return float(self.rewards.sum(dtype=np.float64))
+
+    @property
     def obs_dim(self) -> int:
         return int(self.observations.shape[1])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import gymnasium
 import numpy as np
@@ -26,6 +27,9 @@ from mql_ros.core.replay import MultiTaskReplay, ReplayStore
 from mql_ros.core.tasks import CheckedEnv, TaskFamily, make_checked_env, resolve_family, split_tasks, task_id
 from mql_ros.core.td3 import TD3Context
 
+if TYPE_CHECKING:
+    from mql_ros.core.runtime import DeployedPolicy
+
 MAX_EPISODE_STEPS = 100_000  # a family env that never ends an episode is cut here (as a time limit)
 
 
@@ -34,8 +38,8 @@ def _new_context(agent):
     return agent.streaming_context() if hasattr(agent, "streaming_context") else agent.new_context()
 
 
-def rollout(env: gymnasium.Env, agent_or_policy, episodes: int = 1, noise: float = 0.0,
-            rng: np.random.Generator | None = None, task_id: str = "") -> list[Episode]:
+def rollout(env: gymnasium.Env, agent_or_policy: TD3Context | DeployedPolicy | None, episodes: int = 1,
+            noise: float = 0.0, rng: np.random.Generator | None = None, task_id: str = "") -> list[Episode]:
     """Run `episodes` episodes; agent_or_policy None means uniformly random actions (TD3's warm-up).
 
     The policy acts deterministically plus Gaussian `noise` (clipped to [-1, 1]); its context is updated
@@ -128,7 +132,7 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
         if on_episode is not None:
             on_episode(episode)
         done_steps += len(episode)
-        returns.append(float(episode.rewards.sum()))
+        returns.append(episode.total_reward)
         bar.update(len(episode))
         if agent.updates == 0 and cfg.normalize_context_inputs:  # a continued agent keeps the scale it has
             warmup.append(episode)
@@ -149,7 +153,7 @@ def meta_train(family: TaskFamily | str, cfg: MQLConfig, steps: int, replay: Rep
     return agent, curve
 
 
-def evaluate(agent, family: TaskFamily | str, tasks: Sequence[dict], episodes: int = 1,
+def evaluate(agent: TD3Context | DeployedPolicy, family: TaskFamily | str, tasks: Sequence[dict], episodes: int = 1,
              seed: int = 0, split: str = "eval") -> list[float]:
     """Mean return of the deterministic policy on each task over `episodes` episodes (zero-shot: the
     context starts empty every episode and is inferred on the way). Errors name task i as F/split/i."""
@@ -160,7 +164,7 @@ def evaluate(agent, family: TaskFamily | str, tasks: Sequence[dict], episodes: i
         name = f"{family.name}/{split}/{i}"
         env = make_checked_env(family, task, name)
         eps = rollout(env, agent, episodes=episodes, noise=0.0, rng=rng, task_id=name)
-        out.append(float(np.mean([e.rewards.sum() for e in eps])))
+        out.append(float(np.mean([e.total_reward for e in eps])))
     return out
 
 
@@ -170,8 +174,8 @@ def finetune_config(cfg: AdaptConfig) -> AdaptConfig:
     return replace(cfg, use_archive=False, use_propensity=False, proximal="off")
 
 
-def collect_new_task_data(agent, env: CheckedEnv, new_steps: int, rng: np.random.Generator,
-                          task_name: str) -> list[Episode]:
+def collect_new_task_data(agent: TD3Context | DeployedPolicy, env: CheckedEnv, new_steps: int,
+                          rng: np.random.Generator, task_name: str) -> list[Episode]:
     """MQL step 2: episodes of the deterministic meta policy on the new task, at least `new_steps`
     transitions (0 = exactly one episode)."""
     episodes: list[Episode] = []
@@ -197,7 +201,7 @@ def evaluate_adapted(agent: TD3Context, family: TaskFamily | str, tasks: Sequenc
             new = collect_new_task_data(agent, env, cfg.new_steps, rng, name)
             reports.append(adapt(agent, new, archive, cfg, seed=seed + i))
             eps = rollout(env, agent, episodes=episodes, noise=0.0, rng=rng, task_id=name)
-            returns.append(float(np.mean([e.rewards.sum() for e in eps])))
+            returns.append(float(np.mean([e.total_reward for e in eps])))
             agent.restore(meta)
     finally:
         agent.restore(meta)
