@@ -12,14 +12,16 @@ pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
 from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
-from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
 from rosgraph_helpers import diagnostic_values  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from mql_ros.core.robot import RobotSpec  # noqa: E402
+from mql_ros.core.tasks import resolve_family, split_tasks  # noqa: E402
 from mql_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS  # noqa: E402
+from mql_ros.sim.arm import check_task  # noqa: E402
 
 pytestmark = pytest.mark.ros
 ROBOT = RobotSpec.from_urdf()
@@ -138,6 +140,10 @@ def set_param(probe, name: str, value):
     """Set one sim_arm parameter; the SetParametersResult (successful, reason)."""
     if isinstance(value, str):
         pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+    elif isinstance(value, float):
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    elif isinstance(value, list):
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY, double_array_value=value)
     else:
         pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value)
     request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=pv)])
@@ -188,6 +194,55 @@ def test_sim_validates_family_split_and_index_even_while_task_json_is_set(ros_gr
     assert probe.call(Trigger, "sim/reset", Trigger.Request()).success
     probe.wait_for(lambda: start_ids(probe)[-1:] == ["arm_reach/test/3"], 10.0,
                    "an episode of the split task once task_json is cleared")
+
+
+def task_values(probe) -> dict:
+    """The sim's task.* parameters, by task key."""
+    names = ["task.target", "task.payload_mass", "task.damping_scale", "task.friction_scale"]
+    values = probe.call(GetParameters, "sim_arm/get_parameters", GetParameters.Request(names=names)).values
+    return {"target": list(values[0].double_array_value), **{n[5:]: v.double_value for n, v in
+                                                                zip(names[1:], values[1:], strict=True)}}
+
+
+def test_sim_task_values_are_parameters_that_show_the_next_task_and_set_a_custom_one(ros_graph):
+    """INTERFACES.md: the task parameters (goal, payload mass, friction...) are ROS parameters, changeable at run
+    time. Only family/split/index and a JSON string were."""
+    probe = ros_graph.probe
+    watch_sim(probe)
+    ros_graph.start("sim_arm", sim_rate=50.0, episode_steps=100000, family="arm_payload")
+    probe.wait_for(lambda: events(probe), 60.0, "the first episode start")
+    split = split_tasks(resolve_family("arm_payload"), "test")
+    assert task_values(probe) == check_task(split[0]) == events(probe)[0]["task"]
+
+    assert set_param(probe, "task.payload_mass", 2.5).successful
+    assert task_values(probe) == {**check_task(split[0]), "payload_mass": 2.5}
+    assert probe.call(Trigger, "sim/reset", Trigger.Request()).success
+    probe.wait_for(lambda: start_ids(probe)[-1:] == ["custom"], 10.0, "an episode of the changed task")
+    assert events(probe)[-1]["task"] == {**check_task(split[0]), "payload_mass": 2.5}
+
+    heavy = set_param(probe, "task.payload_mass", 50.0)
+    assert not heavy.successful and "task.payload_mass" in heavy.reason, heavy.reason
+    far = set_param(probe, "task.target", [5.0, 0.0, 0.0])
+    assert not far.successful and "target" in far.reason and "1.5 m" in far.reason, far.reason
+    assert task_values(probe)["payload_mass"] == 2.5  # what was refused changed nothing
+
+    assert set_param(probe, "task_index", 3).successful  # a new selection: the task.* parameters show it
+    probe.wait_for(lambda: task_values(probe) == check_task(split[3]), 5.0, "the task.* parameters of test/3")
+    assert probe.call(Trigger, "sim/reset", Trigger.Request()).success
+    probe.wait_for(lambda: start_ids(probe)[-1:] == ["arm_payload/test/3"], 10.0, "an episode of test/3")
+    assert events(probe)[-1]["task"] == check_task(split[3])
+
+
+def test_sim_task_values_given_at_start_up_override_the_split_task_or_exit_2_naming_the_range(ros_graph):
+    probe = ros_graph.probe
+    watch_sim(probe)
+    ros_graph.start("sim_arm", sim_rate=50.0, episode_steps=100000, **{"task.friction_scale": 2.0})
+    probe.wait_for(lambda: events(probe), 60.0, "the first episode start")
+    first = events(probe)[0]
+    assert first["task_id"] == "custom" and first["task"]["friction_scale"] == 2.0
+    bad = ros_graph.start("sim_arm", name="sim_arm_bad", **{"task.friction_scale": 500.0})
+    assert bad.proc.wait(60) == 2
+    assert "task.friction_scale" in bad.log() and "100" in bad.log()
 
 
 UNSTABLE_ARM = '''

@@ -9,6 +9,10 @@ rule pairs each command with them; the state first, so that the context the enco
 finds the state it goes with already at the policy). A step whose physics diverged, or whose reward or
 state is not finite (as float32), is never published: the episode ends there (its end event says why,
 as does the log and /diagnostics) and a new one starts from the home pose.
+
+The task is chosen by family/task_split/task_index (or task_json), and its values are parameters too
+(task.target, task.payload_mass, task.damping_scale, task.friction_scale): they show the task the next
+episode runs, and setting one makes that a "custom" task. Every change takes effect at the next episode.
 """
 
 from __future__ import annotations
@@ -42,9 +46,13 @@ from mql_ros.nodes.common import (
     declare,
     main_for,
 )
-from mql_ros.sim.arm import check_task
+from mql_ros.sim.arm import TASK_DEFAULTS, TASK_RANGES, TASK_UNITS, check_task
 
+# Which task: a split's task, or task_json. The task's own values, one parameter each (INTERFACES.md: "task
+# parameters are ROS parameters, changeable at run time"): they show the task the next episode runs, and
+# setting one makes that task a "custom" one with the new value.
 TASK_PARAMETERS = ("family", "task_split", "task_index", "task_json")
+TASK_VALUE_PARAMETERS = {"task.target": "target", **{f"task.{key}": key for key in TASK_DEFAULTS}}
 
 
 class SimArmNode(LifecycleNode):
@@ -64,12 +72,24 @@ class SimArmNode(LifecycleNode):
         declare(self, "task_index", 0, "index of the task in its split", 0, 100000, read_only=False)
         declare(self, "task_json", "", "JSON task dict overriding family/split/index (task_id 'custom'); "
                 "empty: use the split", read_only=False)
+        self._task_id, self._task = self._task_from_params({})
+        declare(self, "task.target", self._task["target"], "[x, y, z] m: the target of the next episodes' task "
+                "(world frame; set: a custom task)", read_only=False)
+        for name, key in TASK_VALUE_PARAMETERS.items():
+            if key != "target":
+                declare(self, name, self._task[key], f"{TASK_UNITS[key]}: {key} of the next episodes' task "
+                        "(set: a custom task)", *TASK_RANGES[key], read_only=False)
+        try:  # given at start-up (-p task.payload_mass:=2.0): that value over the selected task
+            self._task_id, self._task = self._with_values(self._task_id, self._task, {
+                name: self.get_parameter(name).value for name in TASK_VALUE_PARAMETERS})
+        except InputError as exc:
+            raise ConfigError(f"sim_arm: {exc}") from exc
+        self._mirror_task = False  # set when a change of task selection must show in the task.* parameters
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()  # a tick runs whole, never alongside a lifecycle transition
         self.env = None
         self._configured: dict[str, list] = {}  # publishers, subscriptions, services on_configure created
         self._diverged_episodes = 0
-        self._task_id, self._task = self._task_from_params({})
         self._arm_cmd: np.ndarray | None = None
         self._grip_cmd: np.ndarray | None = None
         self._reset_requested = False
@@ -78,6 +98,7 @@ class SimArmNode(LifecycleNode):
         self._timer = None
         self.diag = Diagnostics(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._show_task_values)
 
     # ------------------------------------------------------------------ tasks
     def _task_from_params(self, changes: dict) -> tuple[str, dict]:
@@ -101,7 +122,7 @@ class SimArmNode(LifecycleNode):
             raise InputError(f"family {p['family']!r}: task {split_id} is not a task of the simulated arm: "
                              f"{exc}") from exc
         if not p["task_json"]:
-            return split_id, split_task
+            return split_id, check_task(split_task)
         try:
             task = json.loads(p["task_json"])
         except json.JSONDecodeError as exc:
@@ -109,27 +130,50 @@ class SimArmNode(LifecycleNode):
         if not isinstance(task, dict):
             raise InputError(f"task_json must be a JSON object, got {p['task_json']!r}")
         try:
-            check_task(task)
+            return "custom", check_task(task)
         except InputError as exc:
             raise InputError(f"task_json: {exc}") from exc
-        return "custom", task
+
+    @staticmethod
+    def _with_values(tid: str, task: dict, values: dict) -> tuple[str, dict]:
+        """(task_id, task) with the task.* parameter `values` over `task` (checked); still `tid` if no value
+        changes it, else "custom"."""
+        new = check_task({**task, **{TASK_VALUE_PARAMETERS[name]: list(v) if name == "task.target" else v
+                                     for name, v in values.items()}})
+        return (tid, task) if new == task else ("custom", new)
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Task parameters change at run time: validated now, in effect at the next episode."""
         changes = {p.name: p.value for p in params if p.name in TASK_PARAMETERS}
-        if not changes:  # the others are read-only: rclpy refuses them before this is called
+        values = {p.name: p.value for p in params if p.name in TASK_VALUE_PARAMETERS}
+        if not changes and not values:  # the others are read-only: rclpy refuses them before this is called
             return SetParametersResult(successful=True)
         try:
-            new_id, new_task = self._task_from_params(changes)
+            with self._lock:
+                new_id, new_task = self._task_from_params(changes) if changes else (self._task_id, self._task)
+            new_id, new_task = self._with_values(new_id, new_task, values)
             env = self.env  # None while unconfigured: configure builds the env with this task
             if env is not None:
                 env.set_task(new_task)  # validates; applied at the next reset
         except (InputError, ConfigError, ValueError, KeyError) as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         with self._lock:
+            changed = (new_id, new_task) != (self._task_id, self._task)
             self._task_id, self._task = new_id, new_task
-        self.get_logger().info(f"task {new_id} takes effect at the next episode")
+        self._mirror_task = bool(changes)
+        if changed:
+            self.get_logger().info(f"task {new_id} takes effect at the next episode")
         return SetParametersResult(successful=True)
+
+    def _show_task_values(self, params: list[Parameter]) -> None:
+        """After a new task selection, the task.* parameters take its values (a set of them that changes
+        nothing, so the task keeps its id)."""
+        if not self._mirror_task:
+            return
+        self._mirror_task = False
+        with self._lock:
+            task = self._task
+        self.set_parameters([Parameter(name, value=task[key]) for name, key in TASK_VALUE_PARAMETERS.items()])
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
