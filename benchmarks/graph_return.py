@@ -347,6 +347,9 @@ def graph_run(args, r: int, family, rate: float, steps: int, ckpt: str, domain: 
         for name in NODES:
             nodes[name] = NodeProcess(name, params[name], domain, work, name=f"{name}_{r}")
         wait_control_loop_connected(probe, timeout=120.0)
+        # the counters' start: statuses come at 1 Hz, so the loop can be connected before the first arrives
+        probe.wait_for(lambda: diagnostic_values(probe, "policy") and diagnostic_values(probe, "context_encoder"),
+                       10.0, "the first policy and encoder statuses")
         status0 = diagnostic_values(probe, "policy")[-1:]
         enc0 = diagnostic_values(probe, "context_encoder")[-1:]
         n_status0 = len(diagnostic_values(probe, "policy"))
