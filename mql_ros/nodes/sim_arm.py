@@ -22,7 +22,6 @@ import threading
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
@@ -356,8 +355,9 @@ class SimArmNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """`ros2 run mql_ros sim_arm`; exit 2 on bad parameters.
 
-    On the wait-set executor: rclpy's MultiThreadedExecutor spent most of the sim's CPU polling its futures
-    (56% at sim_rate 50 with the control loop attached, py-spy) and missed most ticks on 2 cores (16-39 of 50
-    states/s); single-threaded it takes 12% and publishes all 50. Ticks, commands and lifecycle transitions
-    then run one at a time, which the tick lock already required."""
-    return main_for(autostarted(SimArmNode, "sim_arm"), args, SingleThreadedExecutor)
+    On main_for's default, the C++ EventsExecutor (its limits do not touch the sim: no MessageInfo needed, and
+    the two command topics are independent). rclpy's MultiThreadedExecutor, used before, spent most of the sim's
+    CPU polling its futures (56% at sim_rate 50 with the control loop attached, py-spy) and missed most ticks on
+    2 cores (16-39 of 50 states/s); the wait-set SingleThreadedExecutor took 12%, this one 7%, both with all 50.
+    Ticks, commands and lifecycle transitions run one at a time, which the tick lock already required."""
+    return main_for(autostarted(SimArmNode, "sim_arm"), args)
