@@ -72,12 +72,10 @@ class SimArmNode(LifecycleNode):
         declare(self, "task_json", "", "JSON task dict overriding family/split/index (task_id 'custom'); "
                 "empty: use the split", read_only=False)
         self._task_id, self._task = self._task_from_params({})
-        declare(self, "task.target", self._task["target"], "[x, y, z] m: the target of the next episodes' task "
-                "(world frame; set: a custom task)", read_only=False)
         for name, key in TASK_VALUE_PARAMETERS.items():
-            if key != "target":
-                declare(self, name, self._task[key], f"{TASK_UNITS[key]}: {key} of the next episodes' task "
-                        "(set: a custom task)", *TASK_RANGES[key], read_only=False)
+            unit = TASK_UNITS.get(key, "[x, y, z] m, world frame")
+            declare(self, name, self._task[key], f"{key} of the next episodes' task, {unit} (set: a custom task)",
+                    *TASK_RANGES.get(key, ()), read_only=False)
         try:  # given at start-up (-p task.payload_mass:=2.0): that value over the selected task
             self._task_id, self._task = self._with_values(self._task_id, self._task, {
                 name: self.get_parameter(name).value for name in TASK_VALUE_PARAMETERS})
