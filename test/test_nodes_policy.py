@@ -369,6 +369,26 @@ def test_policy_holds_from_a_sim_clock_jump_back_shorter_than_state_timeout_unti
     wait_command(probe, act, 5.0, "the policy acting again on inputs from after the jump", atol=1e-5)
 
 
+def test_policy_reports_on_diagnostics_at_1_hz_while_the_sim_clock_is_paused(ros_graph, tiny_checkpoint):
+    """Under use_sim_time a paused simulator stops /clock, and with it every timer on the node's clock. The
+    /diagnostics timer counts real seconds, so a monitor still hears the node (a silent node reads as dead);
+    the statuses carry the paused sim time in their stamps."""
+    probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0, use_sim_time=True)
+    sim = SimulatedClock(probe, 8)
+    paused_ns = 100 * 10**9
+
+    def stamped_paused() -> bool:
+        sim.set_clock(paused_ns)  # the same time again until it has arrived: the sim stands still
+        return any(Time.from_msg(a.header.stamp).nanoseconds == paused_ns for a in probe.received("/diagnostics"))
+
+    probe.wait_for(stamped_paused, 30.0, "a status stamped in sim time")
+    before = len(probe.received("/diagnostics"))
+    time.sleep(3.5)
+    stamps = [Time.from_msg(a.header.stamp).nanoseconds for a in probe.received("/diagnostics")[before:]]
+    assert len(stamps) >= 3, f"{len(stamps)} statuses in 3.5 s of paused sim time"
+    assert set(stamps) == {paused_ns}, f"stamps {stamps}, the sim clock stands at {paused_ns}"
+
+
 def test_policy_publishes_nothing_before_any_state(ros_graph, tiny_checkpoint):
     probe = start_policy(ros_graph, tiny_checkpoint, control_rate=50.0)
     probe.wait_for(lambda: any("no joint state yet" in d["_message"]

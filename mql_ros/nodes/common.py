@@ -20,6 +20,7 @@ import numpy.typing as npt
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import Executor, ExternalShutdownException
 from rclpy.experimental import EventsExecutor
@@ -180,7 +181,10 @@ class CommandPair:
 
 
 class Diagnostics:
-    """Publishes one DiagnosticStatus for the node on /diagnostics at about 1 Hz.
+    """Publishes one DiagnosticStatus for the node on /diagnostics at about 1 Hz of real time.
+
+    The timer counts steady seconds, not the node's clock: under use_sim_time a paused simulator would
+    otherwise silence it, and a monitor takes a silent node for a dead one. The stamps are the node's clock.
 
     The node updates `values` (shown as key/value pairs) and calls `warn`/`ok`; counters of rejected inputs
     live here so every node reports them the same way.
@@ -195,7 +199,7 @@ class Diagnostics:
         self.rejected: dict[str, int] = {}
         self.last_rejection = ""
         self._last_publish = 0.0
-        self._timer = node.create_timer(period, self.publish)
+        self._timer = node.create_timer(period, self.publish, clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     def ok(self, message: str) -> None:
         self.level, self.message = DiagnosticStatus.OK, message
